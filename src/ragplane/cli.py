@@ -1,0 +1,357 @@
+"""The ``ragplane`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ragplane.config import Region, Settings, load_settings
+from ragplane.errors import RagplaneError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="ragplane: a production AI platform.",
+)
+tenants_app = typer.Typer(no_args_is_help=True, help="The tenant registry.")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys (bound to one tenant each).")
+db_app = typer.Typer(no_args_is_help=True, help="Database migrations.")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
+
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Where embedded data lives.")]
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    return load_settings(config, overrides=overrides)
+
+
+@contextmanager
+def _owner_and_app(settings: Settings) -> Iterator[tuple[str | None, str]]:
+    """(owner URL, app URL) for admin commands; starts the embedded server if that is the mode."""
+    from ragplane.data import EmbeddedPostgres
+    from ragplane.platform import database_urls
+
+    if settings.embedded_database:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        urls = embedded.start()
+        try:
+            yield urls.owner, urls.app
+        finally:
+            embedded.stop()
+    else:
+        urls = database_urls(settings)
+        yield urls.owner, urls.app
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def _need_owner(owner: str | None) -> str:
+    if owner is None:
+        raise RagplaneError(
+            "this command needs the owner role: set database.owner_url "
+            "(RAGPLANE_DATABASE__OWNER_URL)"
+        )
+    return owner
+
+
+def _serve(settings: Settings, on_ready: Callable[[Any], None] | None) -> None:
+    import uvicorn
+
+    from ragplane.observe.logging import configure_logging
+    from ragplane.platform import create_app
+
+    configure_logging(settings.log_level, settings.log_format)
+    asgi = create_app(settings, on_ready=on_ready)
+    uvicorn.run(asgi, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+
+
+@app.command()
+def up(
+    host: Annotated[
+        str, typer.Option(help="Interface to bind (dev mode needs loopback).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+    dev: Annotated[
+        bool, typer.Option("--dev/--no-dev", help="Dev mode: demo tenants and tokens.")
+    ] = True,
+) -> None:
+    """Start the whole platform in one process on embedded defaults."""
+    settings = _settings(config, host=host, port=port, data_dir=data_dir, dev_mode=dev)
+
+    def announce(platform: Any) -> None:
+        url = f"http://{settings.host}:{settings.port}"
+        out.print(
+            f"[bold green]ragplane is ready[/] at {url}  (API docs: {url}/docs)", soft_wrap=True
+        )
+        out.print(f"data directory: {settings.data_dir}")
+        if settings.dev_mode:
+            out.print("dev mode: demo tenants tnt_acme_eu (eu) and tnt_globex_us (us)")
+            out.print("demo token for tnt_acme_eu (use as 'Authorization: Bearer <token>'):")
+            out.print(platform.dev_token("tnt_acme_eu"), soft_wrap=True, highlight=False)
+
+    _serve(settings, announce)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Serve the API with the settings as configured (production entry point)."""
+    settings = _settings(config, host=host, port=port)
+
+    def announce(_: Any) -> None:
+        err.print(f"ragplane serving on http://{settings.host}:{settings.port}")
+
+    _serve(settings, announce)
+
+
+@app.command()
+def token(
+    tenant: Annotated[str, typer.Option("--tenant", "-t", help="Tenant id to put in the token.")],
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+    role: Annotated[
+        list[str] | None, typer.Option("--role", help="Role claim (repeatable).")
+    ] = None,
+    ttl: Annotated[int | None, typer.Option(help="Lifetime in seconds.")] = None,
+) -> None:
+    """Mint a dev JWT signed with this data directory's dev key (printed on the last line)."""
+    from ragplane.data.db import validate_tenant_id
+    from ragplane.edge.devkeys import load_or_create_dev_keys
+
+    settings = _settings(config, data_dir=data_dir)
+    validate_tenant_id(tenant)
+    keys = load_or_create_dev_keys(settings.data_dir)
+    a = settings.auth
+    err.print(f"dev token for {tenant} (accepted by a dev-mode server on {settings.data_dir}):")
+    print(
+        keys.mint(
+            tenant,
+            issuer=a.issuer,
+            audience=a.audience,
+            ttl_s=ttl or a.dev_token_ttl_s,
+            tenant_claim=a.tenant_claim,
+            roles=tuple(role or ("admin",)),
+        )
+    )
+
+
+@tenants_app.command("add")
+def tenants_add(
+    tenant_id: Annotated[str, typer.Argument(help="e.g. tnt_initech_eu")],
+    name: Annotated[str, typer.Option(help="Display name.")],
+    region: Annotated[str, typer.Option(help="Home region: eu or us.")] = "eu",
+    data_class: Annotated[
+        str, typer.Option(help="public|standard|confidential|restricted")
+    ] = "standard",
+    kb: Annotated[
+        list[str] | None, typer.Option(help="Knowledge-base namespace (repeatable).")
+    ] = None,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Register a tenant."""
+    from ragplane.control.tenants import add_tenant
+    from ragplane.data import Database
+
+    if region not in ("eu", "us"):
+        raise typer.BadParameter("region must be 'eu' or 'us'", param_hint="--region")
+    home: Region = "eu" if region == "eu" else "us"
+    settings = _settings(config, data_dir=data_dir)
+
+    async def go(owner: str) -> None:
+        async with Database(owner, max_size=1, name="owner") as db, db.control() as s:
+            t = await add_tenant(
+                s,
+                tenant_id,
+                name=name,
+                home_region=home,
+                data_class=data_class,
+                kb_namespaces=tuple(kb or ("default",)),
+            )
+        out.print(f"added tenant [bold]{t.id}[/] ({t.name}, home region {t.home_region})")
+
+    with _owner_and_app(settings) as (owner, _):
+        _run(go(_need_owner(owner)))
+
+
+def _tenant_table(rows: list[Any]) -> Table:
+    table = Table(
+        "id", "name", "region", "data class", "embedding model", "kb namespaces", "status"
+    )
+    for t in rows:
+        table.add_row(
+            t.id,
+            t.name,
+            t.home_region,
+            t.data_class,
+            t.embedding_model,
+            ", ".join(t.kb_namespaces),
+            t.status,
+        )
+    return table
+
+
+@tenants_app.command("list")
+def tenants_list(data_dir: DataDirOpt = None, config: ConfigOpt = None) -> None:
+    """List registered tenants."""
+    from ragplane.control.tenants import list_tenants
+    from ragplane.data import Database
+
+    settings = _settings(config, data_dir=data_dir)
+
+    async def go(url: str) -> list[Any]:
+        async with Database(url, max_size=1) as db, db.control() as s:
+            return await list_tenants(s)
+
+    with _owner_and_app(settings) as (_, app_url):
+        out.print(_tenant_table(_run(go(app_url))))
+
+
+@tenants_app.command("show")
+def tenants_show(tenant_id: str, data_dir: DataDirOpt = None, config: ConfigOpt = None) -> None:
+    """Show one tenant."""
+    from ragplane.control.tenants import get_tenant
+    from ragplane.data import Database
+
+    settings = _settings(config, data_dir=data_dir)
+
+    async def go(url: str) -> Any:
+        async with Database(url, max_size=1) as db, db.control() as s:
+            return await get_tenant(s, tenant_id)
+
+    with _owner_and_app(settings) as (_, app_url):
+        out.print(_tenant_table([_run(go(app_url))]))
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option("--tenant", "-t")],
+    name: Annotated[str, typer.Option(help="A label for the key.")] = "",
+    scope: Annotated[list[str] | None, typer.Option(help="Scope (repeatable).")] = None,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Create an API key for a tenant; the key is printed once, on the last line."""
+    from ragplane.control.apikeys import create_api_key
+    from ragplane.data import Database
+
+    settings = _settings(config, data_dir=data_dir)
+
+    async def go(owner: str) -> None:
+        async with Database(owner, max_size=1, name="owner") as db, db.control() as s:
+            key, plaintext = await create_api_key(s, tenant, name=name, scopes=tuple(scope or ()))
+        err.print(f"created key {key.id} for {key.tenant_id}; store it now, it is not shown again:")
+        print(plaintext)
+
+    with _owner_and_app(settings) as (owner, _):
+        _run(go(_need_owner(owner)))
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str, typer.Option("--tenant", "-t")],
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """List a tenant's API keys (ids only; secrets are never stored)."""
+    from ragplane.control.apikeys import list_api_keys
+    from ragplane.data import Database
+
+    settings = _settings(config, data_dir=data_dir)
+
+    async def go(url: str) -> list[Any]:
+        async with Database(url, max_size=1) as db, db.control() as s:
+            return await list_api_keys(s, tenant)
+
+    with _owner_and_app(settings) as (_, app_url):
+        table = Table("id", "name", "scopes", "created", "revoked")
+        for k in _run(go(app_url)):
+            table.add_row(
+                k.id,
+                k.name,
+                " ".join(k.scopes),
+                f"{k.created_at:%Y-%m-%d %H:%M}",
+                f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "",
+            )
+        out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, data_dir: DataDirOpt = None, config: ConfigOpt = None) -> None:
+    """Revoke an API key by id."""
+    from ragplane.control.apikeys import revoke_api_key
+    from ragplane.data import Database
+
+    settings = _settings(config, data_dir=data_dir)
+
+    async def go(owner: str) -> bool:
+        async with Database(owner, max_size=1, name="owner") as db, db.control() as s:
+            return await revoke_api_key(s, key_id)
+
+    with _owner_and_app(settings) as (owner, _):
+        if not _run(go(_need_owner(owner))):
+            raise RagplaneError(f"no active API key with id {key_id!r}")
+    out.print(f"revoked {key_id}")
+
+
+@db_app.command("migrate")
+def db_migrate(data_dir: DataDirOpt = None, config: ConfigOpt = None) -> None:
+    """Apply pending migrations as the owner role."""
+    from ragplane.data import migrate
+
+    settings = _settings(config, data_dir=data_dir)
+    with _owner_and_app(settings) as (owner, _):
+        applied = migrate.migrate(_need_owner(owner))
+    if applied:
+        for m in applied:
+            out.print(f"applied {m.version:04d}_{m.name}")
+    else:
+        out.print("database is up to date")
+
+
+@db_app.command("status")
+def db_status(data_dir: DataDirOpt = None, config: ConfigOpt = None) -> None:
+    """Show applied and pending migrations."""
+    from ragplane.data import migrate
+
+    settings = _settings(config, data_dir=data_dir)
+    with _owner_and_app(settings) as (_, app_url):
+        st = migrate.status(app_url)
+    table = Table("version", "name", "state", "applied at")
+    for a in st.applied:
+        table.add_row(f"{a.version:04d}", a.name, "applied", f"{a.applied_at:%Y-%m-%d %H:%M:%S}")
+    for m in st.pending:
+        table.add_row(f"{m.version:04d}", m.name, "[yellow]pending[/]", "")
+    out.print(table)
+    out.print(f"schema version {st.current} of {st.latest}")
+
+
+def main() -> None:
+    try:
+        app()
+    except RagplaneError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)

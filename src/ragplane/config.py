@@ -1,0 +1,280 @@
+"""Settings: frozen values built once at start-up and passed down.
+
+This is the only module that reads the environment. Sources, highest first:
+
+1. explicit overrides (command-line flags),
+2. environment variables ``RAGPLANE_<KEY>`` (nested keys joined by ``__``, e.g.
+   ``RAGPLANE_DATABASE__URL``), plus the conventional ``DATABASE_URL``,
+3. the YAML file (``--config``, else ``RAGPLANE_CONFIG``, else ``./ragplane.yaml``
+   when it exists),
+4. defaults.
+
+Invalid settings raise :class:`~ragplane.errors.ConfigError` whose message names
+the key, where the value came from and what was expected.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from ragplane.errors import ConfigError
+
+__all__ = [
+    "AuthSettings",
+    "DatabaseSettings",
+    "EdgeSettings",
+    "Region",
+    "Settings",
+    "is_loopback_host",
+    "load_settings",
+]
+
+ENV_PREFIX = "RAGPLANE_"
+DEFAULT_CONFIG_FILE = Path("ragplane.yaml")
+
+Region = Literal["eu", "us"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DatabaseSettings(_Frozen):
+    """Where the data plane lives. No URL means the embedded Postgres under ``data_dir``."""
+
+    url: SecretStr | None = Field(
+        default=None, description="Application role (RLS-bound) connection URL."
+    )
+    owner_url: SecretStr | None = Field(
+        default=None, description="Owner role URL: migrations and admin commands only."
+    )
+    reporting_url: SecretStr | None = Field(
+        default=None, description="Reporting role URL for cross-tenant read-only reports."
+    )
+    pool_min_size: int = Field(default=1, ge=0)
+    pool_max_size: int = Field(default=10, ge=1)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+
+
+class AuthSettings(_Frozen):
+    """How the edge verifies credentials."""
+
+    issuer: str = Field(default="ragplane", min_length=1)
+    audience: str = Field(default="ragplane", min_length=1)
+    tenant_claim: str = Field(default="tenant_id", min_length=1)
+    roles_claim: str = Field(default="roles", min_length=1)
+    jwks_file: Path | None = None
+    jwks_url: str | None = Field(default=None, pattern=r"^https?://")
+    jwks_cache_s: float = Field(default=300.0, gt=0)
+    leeway_s: float = Field(default=30.0, ge=0, le=300)
+    dev_token_ttl_s: int = Field(default=24 * 3600, ge=60)
+
+
+class EdgeSettings(_Frozen):
+    """Request handling at the edge."""
+
+    trusted_proxies: tuple[IPvAnyNetwork, ...] = Field(
+        default=(), description="Peers whose X-Request-Id and traceparent headers are honoured."
+    )
+    tenant_cache_s: float = Field(default=5.0, ge=0)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_yaml_values: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "ragplane_yaml_values", default=None
+)
+
+
+class _DictSource(PydanticBaseSettingsSource):
+    """A settings source over an already-loaded mapping."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: Mapping[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._values = dict(values)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self._values
+
+
+class Settings(BaseSettings):
+    """Every setting of a ragplane process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    data_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_data_dir("ragplane")))
+    dev_mode: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    region: Region = "eu"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+    database: DatabaseSettings = DatabaseSettings()
+    auth: AuthSettings = AuthSettings()
+    edge: EdgeSettings = EdgeSettings()
+
+    @model_validator(mode="after")
+    def _dev_mode_only_on_loopback(self) -> Settings:
+        if self.dev_mode and not is_loopback_host(self.host):
+            raise ValueError(
+                f"dev_mode is refused unless the server binds to loopback; host is {self.host!r} "
+                "(use 127.0.0.1 or localhost, or turn dev_mode off)"
+            )
+        return self
+
+    @property
+    def embedded_database(self) -> bool:
+        return self.database.url is None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        conventional: dict[str, Any] = {}
+        if os.environ.get("DATABASE_URL"):
+            conventional["database"] = {"url": os.environ["DATABASE_URL"]}
+        return (
+            init_settings,
+            env_settings,
+            _DictSource(settings_cls, conventional),
+            _DictSource(settings_cls, _yaml_values.get() or {}),
+        )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path}: expected a mapping of settings at the top level, "
+            f"got {type(data).__name__}"
+        )
+    return data
+
+
+def _lookup(values: Mapping[str, Any], loc: tuple[str | int, ...]) -> bool:
+    node: Any = values
+    for part in loc:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _source_of(
+    loc: tuple[str | int, ...],
+    overrides: Mapping[str, Any],
+    yaml_values: Mapping[str, Any],
+    yaml_path: Path | None,
+    environ: Mapping[str, str],
+) -> str:
+    if loc and _lookup(overrides, loc):
+        return "command-line option"
+    env_name = ENV_PREFIX + "__".join(str(p) for p in loc).upper()
+    if loc and env_name in environ:
+        return f"environment variable {env_name}"
+    if loc[:2] == ("database", "url") and "DATABASE_URL" in environ:
+        return "environment variable DATABASE_URL"
+    if loc and yaml_path is not None and _lookup(yaml_values, loc):
+        return f"config file {yaml_path}"
+    return "settings"
+
+
+def _format_validation_error(
+    exc: ValidationError,
+    overrides: Mapping[str, Any],
+    yaml_values: Mapping[str, Any],
+    yaml_path: Path | None,
+    environ: Mapping[str, str],
+) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if isinstance(p, str | int))
+        key = ".".join(str(p) for p in loc) or "(settings)"
+        source = _source_of(loc, overrides, yaml_values, yaml_path, environ)
+        if err["type"] == "extra_forbidden":
+            expected = "no such setting (check the spelling)"
+        else:
+            expected = err["msg"]
+            expected = expected.removeprefix("Value error, ")
+        got = err.get("input")
+        shown = (
+            ""
+            if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict)
+            else (f" (got {got!r})")
+        )
+        lines.append(f"  - {key} in {source}: {expected}{shown}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    config_file: Path | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the frozen settings from overrides, environment, YAML file and defaults."""
+    env = os.environ
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if config_file is None and env.get(ENV_PREFIX + "CONFIG"):
+        config_file = Path(env[ENV_PREFIX + "CONFIG"])
+    if config_file is None and DEFAULT_CONFIG_FILE.is_file():
+        config_file = DEFAULT_CONFIG_FILE
+    yaml_values = _read_yaml(config_file) if config_file is not None else {}
+    token = _yaml_values.set(yaml_values)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(
+            _format_validation_error(exc, overrides, yaml_values, config_file, env)
+        ) from None
+    finally:
+        _yaml_values.reset(token)

@@ -1,0 +1,1 @@
+"""Control plane: tenant registry, credentials, regions (and, later, feature flags)."""

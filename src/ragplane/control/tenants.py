@@ -1,0 +1,110 @@
+"""The tenant registry.
+
+Reads run on the application role (the edge resolves every request's tenant
+here); writes run on the owner's database from admin commands. Both take an
+open :class:`~ragplane.data.Session`; this module never opens connections.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from ragplane.config import Region
+from ragplane.data import Database, Session, validate_tenant_id
+from ragplane.errors import TenantExists, TenantNotFound
+
+__all__ = ["Tenant", "TenantRegistry", "add_tenant", "get_tenant", "list_tenants"]
+
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: str
+    name: str
+    home_region: Region
+    data_class: str
+    embedding_model: str
+    status: str
+    kb_namespaces: tuple[str, ...]
+    created_at: datetime
+
+    @property
+    def active(self) -> bool:
+        return self.status == "active"
+
+
+_SELECT = """
+SELECT t.id, t.name, t.home_region, t.data_class, t.embedding_model, t.status, t.created_at,
+       coalesce(array_agg(n.name ORDER BY n.name) FILTER (WHERE n.name IS NOT NULL), '{}')
+           AS kb_namespaces
+FROM control.tenants t
+LEFT JOIN control.kb_namespaces n ON n.tenant_id = t.id
+"""
+
+
+def _tenant(row: dict[str, Any]) -> Tenant:
+    return Tenant(**{**row, "kb_namespaces": tuple(row["kb_namespaces"])})
+
+
+async def get_tenant(session: Session, tenant_id: str) -> Tenant:
+    row = await session.fetch_one(_SELECT + " WHERE t.id = %s GROUP BY t.id", (tenant_id,))
+    if row is None:
+        raise TenantNotFound(tenant_id)
+    return _tenant(row)
+
+
+async def list_tenants(session: Session) -> list[Tenant]:
+    rows = await session.fetch_all(_SELECT + " GROUP BY t.id ORDER BY t.id")
+    return [_tenant(r) for r in rows]
+
+
+async def add_tenant(
+    session: Session,
+    tenant_id: str,
+    *,
+    name: str,
+    home_region: Region,
+    data_class: str = "standard",
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL,
+    kb_namespaces: tuple[str, ...] = ("default",),
+    exist_ok: bool = False,
+) -> Tenant:
+    """Register a tenant (owner session). ``exist_ok`` makes it idempotent for seeding."""
+    validate_tenant_id(tenant_id)
+    inserted = await session.execute(
+        "INSERT INTO control.tenants (id, name, home_region, data_class, embedding_model) "
+        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+        (tenant_id, name, home_region, data_class, embedding_model),
+    )
+    if not inserted and not exist_ok:
+        raise TenantExists(tenant_id)
+    for ns in kb_namespaces:
+        await session.execute(
+            "INSERT INTO control.kb_namespaces (tenant_id, name, embedding_model) "
+            "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+            (tenant_id, ns, embedding_model),
+        )
+    return await get_tenant(session, tenant_id)
+
+
+class TenantRegistry:
+    """Read-through cache of the registry for the edge (a short TTL bounds staleness)."""
+
+    def __init__(self, db: Database, *, ttl_s: float = 5.0) -> None:
+        self._db = db
+        self._ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, Tenant]] = {}
+
+    async def get(self, tenant_id: str) -> Tenant:
+        now = time.monotonic()
+        hit = self._cache.get(tenant_id)
+        if hit is not None and now - hit[0] < self._ttl_s:
+            return hit[1]
+        async with self._db.control() as s:
+            tenant = await get_tenant(s, tenant_id)
+        self._cache[tenant_id] = (now, tenant)
+        return tenant

@@ -1,0 +1,156 @@
+"""Pooled async access to Postgres, and the one way into tenant data.
+
+A :class:`Database` wraps one ``psycopg_pool.AsyncConnectionPool`` for one role.
+Services hold the application role's database; admin commands hold the
+owner's. Tenant rows are reached only through :meth:`Database.tenant`, a unit
+of work that opens a transaction and calls
+``set_config('app.tenant_id', <tenant>, true)`` before anything else, so
+row-level security in the database decides what is visible. The setting is
+transaction-local: it is gone when the unit of work ends, and every pooled
+connection is reset before reuse.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, LiteralString
+
+import psycopg
+import psycopg_pool
+from psycopg.rows import DictRow, dict_row
+
+from ragplane.errors import DatabaseUnavailable, TenantScopeError
+
+__all__ = ["TENANT_ID_PATTERN", "Database", "Session", "TenantSession", "validate_tenant_id"]
+
+TENANT_ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]{2,62}$")
+
+Params = Sequence[Any] | dict[str, Any]
+
+
+def validate_tenant_id(tenant_id: object) -> str:
+    """Return ``tenant_id`` if it is a well-formed tenant id, else raise TenantScopeError."""
+    if not isinstance(tenant_id, str) or not TENANT_ID_PATTERN.fullmatch(tenant_id):
+        raise TenantScopeError(
+            f"not a valid tenant id: {tenant_id!r} (expected lowercase letters, digits and '_', "
+            "3-63 characters, starting with a letter)"
+        )
+    return tenant_id
+
+
+class Session:
+    """One transaction on one pooled connection."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[DictRow]) -> None:
+        self._conn = conn
+
+    @property
+    def connection(self) -> psycopg.AsyncConnection[DictRow]:
+        return self._conn
+
+    async def fetch_all(self, query: LiteralString, params: Params | None = None) -> list[DictRow]:
+        cur = await self._conn.execute(query, params)
+        return await cur.fetchall()
+
+    async def fetch_one(self, query: LiteralString, params: Params | None = None) -> DictRow | None:
+        cur = await self._conn.execute(query, params)
+        return await cur.fetchone()
+
+    async def execute(self, query: LiteralString, params: Params | None = None) -> int:
+        """Run a statement; return the number of rows it touched."""
+        cur = await self._conn.execute(query, params)
+        return cur.rowcount
+
+
+class TenantSession(Session):
+    """A transaction bound to one tenant by ``app.tenant_id``; RLS does the rest."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[DictRow], tenant_id: str) -> None:
+        super().__init__(conn)
+        self.tenant_id = tenant_id
+
+
+async def _reset(conn: psycopg.AsyncConnection[Any]) -> None:
+    # A connection goes back to the pool with no session state, whatever the
+    # code that held it did (a session-level set_config included).
+    await conn.execute("RESET ALL")
+
+
+class Database:
+    """A pool of connections for one database role."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        timeout_s: float = 5.0,
+        name: str = "app",
+    ) -> None:
+        self.name = name
+        self._timeout_s = timeout_s
+        self._pool: psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[DictRow]] = (
+            psycopg_pool.AsyncConnectionPool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=timeout_s,
+                open=False,
+                reset=_reset,
+                kwargs={
+                    "row_factory": dict_row,
+                    "autocommit": True,  # transactions are explicit: conn.transaction()
+                    "connect_timeout": max(1, int(timeout_s)),
+                },
+                name=f"ragplane-{name}",
+            )
+        )
+
+    async def open(self) -> None:
+        try:
+            await self._pool.open(wait=True, timeout=self._timeout_s)
+        except psycopg_pool.PoolTimeout as exc:
+            await self._pool.close()
+            raise DatabaseUnavailable(
+                f"could not connect to the {self.name} database within {self._timeout_s:g}s"
+            ) from exc
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def __aenter__(self) -> Database:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                yield conn
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            raise DatabaseUnavailable(f"{self.name} database unavailable: {exc}") from exc
+
+    @asynccontextmanager
+    async def tenant(self, tenant_id: str) -> AsyncIterator[TenantSession]:
+        """A unit of work on one tenant's rows: a transaction with ``app.tenant_id`` set first."""
+        validate_tenant_id(tenant_id)
+        async with self._transaction() as conn:
+            await conn.execute("SELECT set_config('app.tenant_id', %s, true)", (tenant_id,))
+            yield TenantSession(conn, tenant_id)
+
+    @asynccontextmanager
+    async def control(self) -> AsyncIterator[Session]:
+        """A unit of work on control-plane tables (no tenant set: tenant tables show no rows)."""
+        async with self._transaction() as conn:
+            yield Session(conn)
+
+    async def ping(self) -> None:
+        """Raise DatabaseUnavailable unless a trivial query succeeds."""
+        async with self.control() as s:
+            await s.fetch_one("SELECT 1")

@@ -1,0 +1,83 @@
+-- Tenant data. Every table here carries tenant_id, has row-level security
+-- enabled AND forced (so the owner is bound too), and one policy for the
+-- application role on current_setting('app.tenant_id', true). With no tenant
+-- set the setting is NULL or '' and matches no row.
+
+CREATE FUNCTION ragplane_meta.enable_tenant_rls(tbl regclass) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', tbl);
+    EXECUTE format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', tbl);
+    EXECUTE format(
+        'CREATE POLICY tenant_isolation ON %s TO ragplane_app '
+        'USING (tenant_id = current_setting(''app.tenant_id'', true)) '
+        'WITH CHECK (tenant_id = current_setting(''app.tenant_id'', true))', tbl);
+    EXECUTE format(
+        'CREATE POLICY reporting_read ON %s FOR SELECT TO ragplane_reporting USING (true)', tbl);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %s TO ragplane_app', tbl);
+    EXECUTE format('GRANT SELECT ON %s TO ragplane_reporting', tbl);
+END
+$$;
+REVOKE ALL ON FUNCTION ragplane_meta.enable_tenant_rls(regclass) FROM PUBLIC;
+
+CREATE TABLE documents (
+    id            uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    tenant_id     text NOT NULL REFERENCES control.tenants (id),
+    namespace     text NOT NULL,
+    source_uri    text NOT NULL,
+    title         text NOT NULL DEFAULT '',
+    content_hash  text NOT NULL,
+    metadata      jsonb NOT NULL DEFAULT '{}',
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (tenant_id, namespace, source_uri),
+    UNIQUE (tenant_id, id)
+);
+
+CREATE TABLE chunks (
+    id               uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    tenant_id        text NOT NULL REFERENCES control.tenants (id),
+    document_id      uuid NOT NULL,
+    ordinal          integer NOT NULL,
+    text             text NOT NULL,
+    embedding_model  text NOT NULL,
+    embedding        vector,
+    metadata         jsonb NOT NULL DEFAULT '{}',
+    UNIQUE (document_id, ordinal),
+    -- composite keys: a row can only point at a parent of its own tenant
+    FOREIGN KEY (tenant_id, document_id) REFERENCES documents (tenant_id, id) ON DELETE CASCADE
+);
+CREATE INDEX chunks_tenant_idx ON chunks (tenant_id);
+
+CREATE TABLE chat_sessions (
+    id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    tenant_id   text NOT NULL REFERENCES control.tenants (id),
+    subject     text NOT NULL DEFAULT '',
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (tenant_id, id)
+);
+
+CREATE TABLE chat_messages (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id   text NOT NULL REFERENCES control.tenants (id),
+    session_id  uuid NOT NULL,
+    role        text NOT NULL CHECK (role IN ('user', 'assistant', 'system', 'tool')),
+    content     text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    FOREIGN KEY (tenant_id, session_id) REFERENCES chat_sessions (tenant_id, id) ON DELETE CASCADE
+);
+CREATE INDEX chat_messages_tenant_session_idx ON chat_messages (tenant_id, session_id);
+
+CREATE TABLE request_log (
+    request_id  text PRIMARY KEY,
+    tenant_id   text NOT NULL REFERENCES control.tenants (id),
+    route       text NOT NULL,
+    status      integer NOT NULL,
+    latency_ms  double precision NOT NULL,
+    trace_id    text NOT NULL DEFAULT '',
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX request_log_tenant_created_idx ON request_log (tenant_id, created_at);
+
+SELECT ragplane_meta.enable_tenant_rls(t)
+FROM unnest(ARRAY['documents', 'chunks', 'chat_sessions', 'chat_messages', 'request_log']::regclass[]) AS t;

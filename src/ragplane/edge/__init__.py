@@ -1,0 +1,1 @@
+"""Edge: credentials → tenant context, request ids and trace context, JSON errors."""

@@ -1,0 +1,122 @@
+"""The exception tree of ragplane.
+
+Every error the platform raises on purpose is one of these. Library and driver
+exceptions are translated once, where they enter our code (``raise X from exc``),
+so callers, handlers and (later) retries and breakers look only at this tree::
+
+    RagplaneError
+    ├── ConfigError             invalid settings; start-up stops
+    ├── DataError
+    │   ├── DatabaseUnavailable the database cannot be reached
+    │   ├── MigrationError      a migration failed or the schema is not current
+    │   └── TenantScopeError    a unit of work was asked for with no valid tenant
+    ├── ControlError
+    │   ├── TenantNotFound
+    │   └── TenantExists
+    └── ApiError                carries an HTTP status and a stable error code
+        ├── BadRequest          400
+        ├── Unauthorized        401 (credentials missing or not valid)
+        ├── Forbidden           403 (valid credentials, not allowed)
+        └── NotFound            404
+
+``ApiError`` subclasses are what the edge turns into the JSON error body
+``{"error": {"code", "message", "request_id"}}``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ApiError",
+    "BadRequest",
+    "ConfigError",
+    "ControlError",
+    "DataError",
+    "DatabaseUnavailable",
+    "Forbidden",
+    "MigrationError",
+    "NotFound",
+    "RagplaneError",
+    "TenantExists",
+    "TenantNotFound",
+    "TenantScopeError",
+    "Unauthorized",
+]
+
+
+class RagplaneError(Exception):
+    """Base of every error ragplane raises on purpose."""
+
+
+class ConfigError(RagplaneError):
+    """Settings are invalid; the message names the key, the source and what was expected."""
+
+
+class DataError(RagplaneError):
+    """A data-plane failure."""
+
+
+class DatabaseUnavailable(DataError):
+    """The database could not be reached or refused the connection."""
+
+
+class MigrationError(DataError):
+    """A migration failed, or the schema is not at the version this code expects."""
+
+
+class TenantScopeError(DataError):
+    """A tenant-scoped unit of work was requested without a valid tenant id."""
+
+
+class ControlError(RagplaneError):
+    """A control-plane operation failed."""
+
+
+class TenantNotFound(ControlError):
+    def __init__(self, tenant_id: str) -> None:
+        super().__init__(f"tenant {tenant_id!r} is not registered")
+        self.tenant_id = tenant_id
+
+
+class TenantExists(ControlError):
+    def __init__(self, tenant_id: str) -> None:
+        super().__init__(f"tenant {tenant_id!r} already exists")
+        self.tenant_id = tenant_id
+
+
+class ApiError(RagplaneError):
+    """An error with an HTTP status and a stable, machine-readable code."""
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(
+        self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+
+class BadRequest(ApiError):
+    status_code = 400
+    code = "invalid_request"
+
+
+class Unauthorized(ApiError):
+    status_code = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message, code=code, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(ApiError):
+    status_code = 403
+    code = "forbidden"
+
+
+class NotFound(ApiError):
+    status_code = 404
+    code = "not_found"

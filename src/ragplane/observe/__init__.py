@@ -1,0 +1,1 @@
+"""Observability: trace context, logs (and, later, metrics, traces and the event sink)."""

@@ -1,0 +1,196 @@
+"""The composition root: settings in, a running platform (and its ASGI app) out.
+
+:class:`Platform` starts the data plane (the embedded Postgres, or the URLs from
+settings), seeds the demo tenants in dev mode, and wires the edge. ``create_app``
+wraps it in a FastAPI app whose lifespan starts and stops it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+from fastapi import FastAPI
+
+from ragplane import __version__
+from ragplane.config import Region, Settings
+from ragplane.control.tenants import TenantRegistry, add_tenant
+from ragplane.data import Database, DatabaseUrls, EmbeddedPostgres
+from ragplane.edge.auth import (
+    Authenticator,
+    FileKeySource,
+    JwtVerifier,
+    KeySource,
+    StaticKeySource,
+    UrlKeySource,
+)
+from ragplane.edge.devkeys import DevKeys, load_or_create_dev_keys
+from ragplane.edge.errors import install_error_handlers
+from ragplane.edge.middleware import RequestContextMiddleware
+from ragplane.edge.tenancy import Edge
+from ragplane.errors import ConfigError
+from ragplane.observe.logging import get_logger
+from ragplane.service.api import router as platform_router
+
+__all__ = ["DEMO_TENANTS", "Platform", "create_app", "database_urls"]
+
+log = get_logger("ragplane.platform")
+
+
+@dataclass(frozen=True)
+class DemoTenant:
+    id: str
+    name: str
+    region: Region
+
+
+DEMO_TENANTS = (
+    DemoTenant("tnt_acme_eu", "Acme Europe", "eu"),
+    DemoTenant("tnt_globex_us", "Globex US", "us"),
+)
+
+
+def database_urls(settings: Settings) -> DatabaseUrls:
+    """The role URLs of an external database (production)."""
+    db = settings.database
+    if db.url is None:
+        raise ConfigError("database.url is not set (no DATABASE_URL): use the embedded database")
+    return DatabaseUrls(
+        app=db.url.get_secret_value(),
+        owner=db.owner_url.get_secret_value() if db.owner_url else None,
+        reporting=db.reporting_url.get_secret_value() if db.reporting_url else None,
+    )
+
+
+class _MergedKeys:
+    """Configured JWKS first, then the dev key (dev mode only)."""
+
+    def __init__(self, *sources: KeySource) -> None:
+        self._sources = sources
+
+    async def get(self, kid: str) -> Any:
+        for source in self._sources:
+            key = await source.get(kid)
+            if key is not None:
+                return key
+        return None
+
+
+class Platform:
+    """Every long-lived part of one ragplane process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.embedded: EmbeddedPostgres | None = None
+        self.urls: DatabaseUrls | None = None
+        self.db: Database | None = None
+        self.dev_keys: DevKeys | None = None
+        self.edge: Edge | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        if s.embedded_database:
+            self.embedded = EmbeddedPostgres(s.data_dir)
+            self.urls = await anyio.to_thread.run_sync(self.embedded.start)
+        else:
+            self.urls = database_urls(s)
+        if s.dev_mode:
+            self.dev_keys = load_or_create_dev_keys(s.data_dir)
+            await self._seed_demo_tenants()
+        self.db = Database(
+            self.urls.app,
+            min_size=s.database.pool_min_size,
+            max_size=s.database.pool_max_size,
+            timeout_s=s.database.connect_timeout_s,
+        )
+        await self.db.open()
+        self.edge = Edge(
+            authenticator=Authenticator(self._verifier(), self.db),
+            registry=TenantRegistry(self.db, ttl_s=s.edge.tenant_cache_s),
+            dev_mode=s.dev_mode,
+        )
+
+    def _verifier(self) -> JwtVerifier:
+        a = self.settings.auth
+        sources: list[KeySource] = []
+        if a.jwks_file is not None:
+            try:
+                sources.append(FileKeySource(a.jwks_file))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"auth.jwks_file {a.jwks_file}: {exc}") from exc
+        if a.jwks_url is not None:
+            self._http = httpx.AsyncClient()
+            sources.append(UrlKeySource(a.jwks_url, self._http, cache_s=a.jwks_cache_s))
+        if self.dev_keys is not None:
+            sources.append(StaticKeySource(self.dev_keys.public_jwks(), origin="dev keys"))
+        return JwtVerifier(
+            a,
+            _MergedKeys(*sources) if sources else None,
+            hs256_secret=self.dev_keys.hs256_secret if self.dev_keys else None,
+        )
+
+    async def _seed_demo_tenants(self) -> None:
+        assert self.urls is not None
+        if self.urls.owner is None:
+            log.warning("demo_tenants_skipped", reason="no owner database URL")
+            return
+        owner = Database(self.urls.owner, min_size=1, max_size=1, name="owner")
+        async with owner, owner.control() as session:
+            for t in DEMO_TENANTS:
+                await add_tenant(session, t.id, name=t.name, home_region=t.region, exist_ok=True)
+
+    async def stop(self) -> None:
+        if self.db is not None:
+            await self.db.close()
+        if self._http is not None:
+            await self._http.aclose()
+        if self.embedded is not None:
+            await anyio.to_thread.run_sync(self.embedded.stop)
+
+    def dev_token(self, tenant_id: str) -> str:
+        if self.dev_keys is None:
+            raise ConfigError("dev tokens exist only in dev mode")
+        a = self.settings.auth
+        return self.dev_keys.mint(
+            tenant_id,
+            issuer=a.issuer,
+            audience=a.audience,
+            ttl_s=a.dev_token_ttl_s,
+            tenant_claim=a.tenant_claim,
+        )
+
+
+def create_app(
+    settings: Settings, *, on_ready: Callable[[Platform], None] | None = None
+) -> FastAPI:
+    """The ASGI app of one ragplane process; its lifespan starts and stops the platform."""
+    platform = Platform(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await platform.start()
+        app.state.platform = platform
+        app.state.db = platform.db
+        app.state.edge = platform.edge
+        if on_ready is not None:
+            on_ready(platform)
+        try:
+            yield
+        finally:
+            await platform.stop()
+
+    app = FastAPI(
+        title="ragplane",
+        version=__version__,
+        description="Edge, RAG service and LLM gateway over a tenant-isolated data plane.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, trusted_proxies=settings.edge.trusted_proxies)
+    app.include_router(platform_router)
+    return app

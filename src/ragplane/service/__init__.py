@@ -1,0 +1,1 @@
+"""AI service: the HTTP API and (later) the RAG request lifecycle."""

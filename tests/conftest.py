@@ -1,0 +1,141 @@
+"""Shared fixtures: one real embedded Postgres + pgvector per test session.
+
+The server runs in a temporary data directory and is migrated exactly as
+``ragplane up`` does it; tests reach it through the real role URLs. Tenant
+tables are truncated (as the owner, which TRUNCATE allows despite RLS) before
+each test that asks for a clean database.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from fastapi import FastAPI
+
+from ragplane.config import AuthSettings, DatabaseSettings, EdgeSettings, Settings
+from ragplane.control.tenants import add_tenant
+from ragplane.data import Database, DatabaseUrls, EmbeddedPostgres
+from ragplane.platform import create_app
+
+TENANT_TABLES = ("documents", "chunks", "chat_sessions", "chat_messages", "request_log")
+TEST_TENANTS = {
+    "tnt_alpha": "eu",
+    "tnt_beta": "eu",
+    "tnt_gamma": "us",
+    "tnt_acme_eu": "eu",
+    "tnt_globex_us": "us",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is not None and inspect.iscoroutinefunction(fn):
+            item.add_marker(pytest.mark.anyio)
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@dataclass(frozen=True)
+class PgCluster:
+    urls: DatabaseUrls
+    superuser_url: str
+    data_dir: Path
+
+    @property
+    def app(self) -> str:
+        return self.urls.app
+
+    @property
+    def owner(self) -> str:
+        assert self.urls.owner is not None
+        return self.urls.owner
+
+    @property
+    def reporting(self) -> str:
+        assert self.urls.reporting is not None
+        return self.urls.reporting
+
+
+@pytest.fixture(scope="session")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgCluster]:
+    data_dir = tmp_path_factory.mktemp("ragplane-data")
+    embedded = EmbeddedPostgres(data_dir)
+    urls = embedded.start()
+    superuser = embedded.superuser_url
+    with psycopg.connect(urls.owner or "", autocommit=True) as conn:
+        for tid, region in TEST_TENANTS.items():
+            conn.execute(
+                "INSERT INTO control.tenants (id, name, home_region) VALUES (%s, %s, %s) "
+                "ON CONFLICT DO NOTHING",
+                (tid, tid.replace("_", " ").title(), region),
+            )
+    try:
+        yield PgCluster(urls=urls, superuser_url=superuser, data_dir=data_dir)
+    finally:
+        embedded.stop()
+
+
+@pytest.fixture
+def clean_db(pg: PgCluster) -> PgCluster:
+    with psycopg.connect(pg.owner, autocommit=True) as conn:
+        conn.execute("TRUNCATE " + ", ".join(TENANT_TABLES) + " CASCADE")
+        conn.execute("DELETE FROM control.api_keys")
+    return pg
+
+
+@pytest.fixture
+async def app_db(pg: PgCluster) -> AsyncIterator[Database]:
+    async with Database(pg.app, max_size=4) as db:
+        yield db
+
+
+@pytest.fixture
+async def owner_db(pg: PgCluster) -> AsyncIterator[Database]:
+    async with Database(pg.owner, max_size=2, name="owner") as db:
+        yield db
+
+
+def make_settings(pg: PgCluster, tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for an app over the session's database (external-database mode)."""
+    values: dict[str, Any] = {
+        "data_dir": tmp_path,
+        "dev_mode": False,
+        "database": DatabaseSettings(url=pg.app, owner_url=pg.owner, reporting_url=pg.reporting),
+        "auth": AuthSettings(),
+        "edge": EdgeSettings(tenant_cache_s=0),
+        "log_level": "warning",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan and give an HTTP client wired to it over ASGI."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://ragplane.test") as c:
+            yield c
+
+
+@pytest.fixture
+async def dev_client(pg: PgCluster, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(make_settings(pg, tmp_path, dev_mode=True))
+    async with running(app) as client:
+        client.app = app  # type: ignore[attr-defined]
+        yield client
+
+
+__all__ = ["TENANT_TABLES", "TEST_TENANTS", "PgCluster", "add_tenant", "make_settings", "running"]
