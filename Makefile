@@ -9,7 +9,6 @@ UV := $(TOOLS)/bin/uv
 VENV := .venv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
-export UV_NO_PROGRESS := 1
 export XDG_RUNTIME_DIR ?= /tmp
 
 .PHONY: up test check lint fmt lock install install-dev clean

@@ -25,9 +25,11 @@ app = typer.Typer(
 tenants_app = typer.Typer(no_args_is_help=True, help="The tenant registry.")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys (bound to one tenant each).")
 db_app = typer.Typer(no_args_is_help=True, help="Database migrations.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks, side by side with a baseline.")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
+app.add_typer(bench_app, name="bench")
 
 out = Console()
 err = Console(stderr=True)
@@ -347,6 +349,64 @@ def db_status(data_dir: DataDirOpt = None, config: ConfigOpt = None) -> None:
         table.add_row(f"{m.version:04d}", m.name, "[yellow]pending[/]", "")
     out.print(table)
     out.print(f"schema version {st.current} of {st.latest}")
+
+
+@bench_app.command("tenancy")
+def bench_tenancy(
+    tenants: Annotated[int, typer.Option(min=1, help="Number of tenants.")] = 50,
+    rows: Annotated[int, typer.Option(min=1, help="Documents per tenant.")] = 2000,
+    iterations: Annotated[int, typer.Option(min=100, help="Timed queries per side.")] = 2000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """The cost of RLS isolation: tenant unit of work vs. a plain filtered query.
+
+    Runs on a throwaway embedded database in a temporary directory.
+    """
+    import json
+    import tempfile
+
+    from ragplane.data import EmbeddedPostgres
+    from ragplane.evals.bench_tenancy import run_tenancy_bench
+
+    with tempfile.TemporaryDirectory(prefix="ragplane-bench-") as tmp:
+        embedded = EmbeddedPostgres(Path(tmp))
+        urls = embedded.start()
+        try:
+            result = _run(
+                run_tenancy_bench(
+                    urls,
+                    tenants=tenants,
+                    rows_per_tenant=rows,
+                    iterations=iterations,
+                    progress=lambda msg: err.print(f"[dim]{msg}…[/]"),
+                )
+            )
+        finally:
+            embedded.stop()
+    if as_json:
+        print(json.dumps(result.as_json(), indent=2))
+        return
+    table = Table(
+        "query",
+        "baseline p50 ms",
+        "baseline p95 ms",
+        "RLS p50 ms",
+        "RLS p95 ms",
+        "p50 ratio",
+        title=f"RLS unit of work vs. filtered query "
+        f"({result.rows:,} rows, {result.tenants} tenants)",
+    )
+    for name, sides in result.results.items():
+        b, r = sides["baseline"], sides["rls"]
+        table.add_row(
+            name,
+            f"{b.p50_ms:.3f}",
+            f"{b.p95_ms:.3f}",
+            f"{r.p50_ms:.3f}",
+            f"{r.p95_ms:.3f}",
+            f"{r.p50_ms / b.p50_ms:.2f}x",
+        )
+    out.print(table)
 
 
 def main() -> None:

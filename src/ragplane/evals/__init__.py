@@ -1,0 +1,1 @@
+"""Evaluations and benchmarks: golden sets, metrics, side-by-side measurements."""
