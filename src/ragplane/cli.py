@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ app.add_typer(bench_app, name="bench")
 out = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
+DATA_CLASSES = ("public", "standard", "confidential", "restricted")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")]
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Where embedded data lives.")]
@@ -62,7 +64,13 @@ def _owner_and_app(settings: Settings) -> Iterator[tuple[str | None, str]]:
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+    import psycopg
+
+    try:
+        return asyncio.run(coro)
+    except psycopg.IntegrityError as exc:  # a constraint the command did not check itself
+        reason = exc.diag.message_primary or str(exc)
+        raise RagplaneError(f"the database refused the change: {reason}") from exc
 
 
 def _need_owner(owner: str | None) -> str:
@@ -74,15 +82,42 @@ def _need_owner(owner: str | None) -> str:
     return owner
 
 
-def _serve(settings: Settings, on_ready: Callable[[Any], None] | None) -> None:
+def _serve(settings: Settings, on_ready: Callable[[Any], None]) -> None:
+    """Run the app under uvicorn; call ``on_ready(platform)`` once the socket is listening."""
     import uvicorn
 
     from ragplane.observe.logging import configure_logging
     from ragplane.platform import create_app
 
     configure_logging(settings.log_level, settings.log_format)
-    asgi = create_app(settings, on_ready=on_ready)
-    uvicorn.run(asgi, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    asgi = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            asgi, host=settings.host, port=settings.port, log_level="warning", access_log=False
+        )
+    )
+
+    async def announce_when_listening() -> None:
+        # uvicorn exposes only a flag for "listening"; poll it
+        while not server.started:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        on_ready(asgi.state.platform)
+
+    async def run() -> None:
+        announcer = asyncio.create_task(announce_when_listening())
+        try:
+            await server.serve()
+        finally:
+            announcer.cancel()
+
+    # on a bind failure uvicorn logs the OS error, shuts the app down and raises SystemExit
+    with contextlib.suppress(SystemExit):
+        asyncio.run(run())
+    if not server.started:
+        raise RagplaneError(
+            f"could not listen on {settings.host}:{settings.port} (see the error above; "
+            "is the port in use? choose another with --port)"
+        )
 
 
 @app.command()
@@ -180,6 +215,10 @@ def tenants_add(
 
     if region not in ("eu", "us"):
         raise typer.BadParameter("region must be 'eu' or 'us'", param_hint="--region")
+    if data_class not in DATA_CLASSES:
+        raise typer.BadParameter(
+            f"data class must be one of: {', '.join(DATA_CLASSES)}", param_hint="--data-class"
+        )
     home: Region = "eu" if region == "eu" else "us"
     settings = _settings(config, data_dir=data_dir)
 
@@ -258,12 +297,14 @@ def keys_create(
 ) -> None:
     """Create an API key for a tenant; the key is printed once, on the last line."""
     from ragplane.control.apikeys import create_api_key
+    from ragplane.control.tenants import get_tenant
     from ragplane.data import Database
 
     settings = _settings(config, data_dir=data_dir)
 
     async def go(owner: str) -> None:
         async with Database(owner, max_size=1, name="owner") as db, db.control() as s:
+            await get_tenant(s, tenant)  # TenantNotFound names the tenant
             key, plaintext = await create_api_key(s, tenant, name=name, scopes=tuple(scope or ()))
         err.print(f"created key {key.id} for {key.tenant_id}; store it now, it is not shown again:")
         print(plaintext)

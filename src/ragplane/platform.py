@@ -7,7 +7,7 @@ wraps it in a FastAPI app whose lifespan starts and stops it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -165,9 +165,7 @@ class Platform:
         )
 
 
-def create_app(
-    settings: Settings, *, on_ready: Callable[[Platform], None] | None = None
-) -> FastAPI:
+def create_app(settings: Settings) -> FastAPI:
     """The ASGI app of one ragplane process; its lifespan starts and stops the platform."""
     platform = Platform(settings)
 
@@ -177,8 +175,6 @@ def create_app(
         app.state.platform = platform
         app.state.db = platform.db
         app.state.edge = platform.edge
-        if on_ready is not None:
-            on_ready(platform)
         try:
             yield
         finally:
