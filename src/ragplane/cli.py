@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -87,13 +88,17 @@ def _serve(settings: Settings, on_ready: Callable[[Any], None]) -> None:
     import uvicorn
 
     from ragplane.observe.logging import configure_logging
-    from ragplane.platform import create_app
+    from ragplane.platform import Platform, create_app
 
     configure_logging(settings.log_level, settings.log_format)
-    asgi = create_app(settings)
+    platform = Platform(settings)
     server = uvicorn.Server(
         uvicorn.Config(
-            asgi, host=settings.host, port=settings.port, log_level="warning", access_log=False
+            create_app(settings, platform=platform),
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            access_log=False,
         )
     )
 
@@ -101,19 +106,35 @@ def _serve(settings: Settings, on_ready: Callable[[Any], None]) -> None:
         # uvicorn exposes only a flag for "listening"; poll it
         while not server.started:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        on_ready(asgi.state.platform)
+        on_ready(platform)
 
     async def run() -> None:
+        await platform.start()  # errors surface here, as a clean message, before binding
         announcer = asyncio.create_task(announce_when_listening())
         try:
             await server.serve()
         finally:
             announcer.cancel()
+            await platform.stop()
 
-    # on a bind failure uvicorn logs the OS error, shuts the app down and raises SystemExit
-    with contextlib.suppress(SystemExit):
-        asyncio.run(run())
-    if not server.started:
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
+    # previous handler: make that a clean exit (before serving starts it stops start-up;
+    # atexit then stops the embedded database). On a bind failure uvicorn logs the OS
+    # error, shuts the app down and raises SystemExit; both end here.
+    signalled: list[int] = []
+
+    def exit_quietly(signum: int, frame: object) -> None:
+        signalled.append(signum)
+        raise SystemExit(0)
+
+    previous = {sig: signal.signal(sig, exit_quietly) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with contextlib.suppress(SystemExit):
+            asyncio.run(run())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started and not signalled:
         raise RagplaneError(
             f"could not listen on {settings.host}:{settings.port} (see the error above; "
             "is the port in use? choose another with --port)"
@@ -140,7 +161,7 @@ def up(
         out.print(
             f"[bold green]ragplane is ready[/] at {url}  (API docs: {url}/docs)", soft_wrap=True
         )
-        out.print(f"data directory: {settings.data_dir}")
+        out.print(f"data directory: {settings.data_dir}", soft_wrap=True, highlight=False)
         if settings.dev_mode:
             out.print("dev mode: demo tenants tnt_acme_eu (eu) and tnt_globex_us (us)")
             out.print("demo token for tnt_acme_eu (use as 'Authorization: Bearer <token>'):")
@@ -454,5 +475,6 @@ def main() -> None:
     try:
         app()
     except RagplaneError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        # soft_wrap: a message piped to a log is not hard-wrapped at 80 columns
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

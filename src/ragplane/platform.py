@@ -165,20 +165,28 @@ class Platform:
         )
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The ASGI app of one ragplane process; its lifespan starts and stops the platform."""
-    platform = Platform(settings)
+def create_app(settings: Settings, *, platform: Platform | None = None) -> FastAPI:
+    """The ASGI app of one ragplane process.
+
+    Without ``platform`` the app's lifespan starts and stops one (tests, ASGI
+    servers); with an already started ``platform`` the caller owns its lifecycle
+    (the CLI starts it first, so start-up errors are reported before serving).
+    """
+    owned = platform is None
+    plat = platform if platform is not None else Platform(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await platform.start()
-        app.state.platform = platform
-        app.state.db = platform.db
-        app.state.edge = platform.edge
+        if owned:
+            await plat.start()
+        app.state.platform = plat
+        app.state.db = plat.db
+        app.state.edge = plat.edge
         try:
             yield
         finally:
-            await platform.stop()
+            if owned:
+                await plat.stop()
 
     app = FastAPI(
         title="ragplane",

@@ -104,6 +104,7 @@ class Database:
                     "row_factory": dict_row,
                     "autocommit": True,  # transactions are explicit: conn.transaction()
                     "connect_timeout": max(1, int(timeout_s)),
+                    "application_name": f"ragplane-{name}",
                 },
                 name=f"ragplane-{name}",
             )
