@@ -32,6 +32,7 @@ from ragplane.data import Database
 from ragplane.data.db import TENANT_ID_PATTERN
 from ragplane.edge.context import Principal
 from ragplane.errors import Unauthorized
+from ragplane.observe.logging import get_logger
 
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
@@ -45,6 +46,7 @@ __all__ = [
 
 ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "ES256"})
 _KTY_FOR_ALG = {"RS256": "RSA", "ES256": "EC"}
+log = get_logger("ragplane.edge")
 
 
 class KeySource(Protocol):
@@ -53,9 +55,14 @@ class KeySource(Protocol):
     async def get(self, kid: str) -> jwt.PyJWK | None: ...
 
 
-def _parse_jwks(data: Mapping[str, Any], origin: str) -> dict[str, jwt.PyJWK]:
+def _parse_jwks(data: Any, origin: str) -> dict[str, jwt.PyJWK]:
+    if not isinstance(data, Mapping) or not isinstance(data.get("keys"), list):
+        # a malformed document, like unparsable JSON: callers handle both as ValueError
+        raise ValueError(  # noqa: TRY004
+            f"JWKS from {origin} is not a JSON object with a 'keys' list"
+        )
     keys: dict[str, jwt.PyJWK] = {}
-    for raw in data.get("keys", []):
+    for raw in data["keys"]:
         if not isinstance(raw, dict) or not raw.get("kid") or raw.get("kty") not in ("RSA", "EC"):
             continue  # symmetric or anonymous keys never verify anything here
         try:
@@ -76,7 +83,11 @@ class StaticKeySource:
 
 
 class FileKeySource:
-    """A JWKS file, re-read when it changes (key rotation without a restart)."""
+    """A JWKS file, re-read when it changes (key rotation without a restart).
+
+    A missing or broken file at start-up is an error; one that becomes unreadable later
+    (half-written, emptied during a rotation) keeps the last good keys until it is fixed.
+    """
 
     def __init__(self, path: Path) -> None:
         self._path = path
@@ -91,7 +102,10 @@ class FileKeySource:
             self._mtime = mtime
 
     async def get(self, kid: str) -> jwt.PyJWK | None:
-        self._load()
+        try:
+            self._load()
+        except (OSError, ValueError) as exc:
+            log.warning("jwks_file_unreadable", path=str(self._path), error=str(exc))
         return self._keys.get(kid)
 
 
@@ -112,6 +126,13 @@ class UrlKeySource:
         self._min_refresh_s = min_refresh_s
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = float("-inf")
+        self._failed = False  # the last fetch failed
+
+    @staticmethod
+    def _unavailable() -> Unauthorized:
+        return Unauthorized(
+            "signing keys are unavailable; try again shortly", code="jwks_unavailable"
+        )
 
     async def _refresh(self) -> None:
         self._fetched_at = time.monotonic()
@@ -120,14 +141,17 @@ class UrlKeySource:
             resp.raise_for_status()
             self._keys = _parse_jwks(resp.json(), self._url)
         except (httpx.HTTPError, ValueError) as exc:
-            raise Unauthorized(
-                "signing keys are unavailable; try again shortly", code="jwks_unavailable"
-            ) from exc
+            self._failed = True
+            raise self._unavailable() from exc
+        self._failed = False
 
     async def get(self, kid: str) -> jwt.PyJWK | None:
         age = time.monotonic() - self._fetched_at
         if age > self._cache_s or (kid not in self._keys and age > self._min_refresh_s):
             await self._refresh()
+        elif kid not in self._keys and self._failed:
+            # not refetched yet (rate limit): the key is unknown because the fetch failed
+            raise self._unavailable()
         return self._keys.get(kid)
 
 
@@ -153,7 +177,7 @@ class JwtVerifier:
         alg = header.get("alg")
         if alg == "HS256" and self._hs256_secret is not None:
             return self._hs256_secret
-        if alg not in ASYMMETRIC_ALGORITHMS:
+        if not isinstance(alg, str) or alg not in ASYMMETRIC_ALGORITHMS:
             raise Unauthorized(f"token algorithm {alg!r} is not accepted", code="unsupported_alg")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:

@@ -11,6 +11,7 @@ from ragplane.edge.context import RequestContext
 from ragplane.edge.middleware import new_request_id
 from ragplane.errors import ApiError, DatabaseUnavailable
 from ragplane.observe.logging import get_logger
+from ragplane.observe.tracecontext import TraceContext
 
 __all__ = ["error_response", "install_error_handlers"]
 
@@ -28,9 +29,12 @@ _HTTP_CODES = {
 }
 
 
-def _request_id(request: Request) -> str:
+def _ids(request: Request) -> tuple[str, str]:
+    """(request id, traceparent) of this request."""
     ctx: RequestContext | None = getattr(request.state, "request_context", None)
-    return ctx.request_id if ctx is not None else new_request_id()
+    if ctx is None:
+        return new_request_id(), TraceContext.mint().traceparent
+    return ctx.request_id, ctx.trace.traceparent
 
 
 def error_response(
@@ -40,11 +44,13 @@ def error_response(
     message: str,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    rid = _request_id(request)
+    rid, traceparent = _ids(request)
+    # both ids here too: a 500 is sent from outside RequestContextMiddleware, which adds them
+    # to every other response
     return JSONResponse(
         {"error": {"code": code, "message": message, "request_id": rid}},
         status_code=status,
-        headers={**(headers or {}), "x-request-id": rid},
+        headers={**(headers or {}), "x-request-id": rid, "traceparent": traceparent},
     )
 
 

@@ -41,13 +41,10 @@ def request_context(request: Request) -> RequestContext:
 
 
 async def _named_tenants(request: Request) -> set[str]:
-    named: set[str] = set()
-    header = request.headers.get(TENANT_HEADER)
-    if header is not None:
-        named.add(header)
-    if request.method in ("POST", "PUT", "PATCH") and "json" in request.headers.get(
-        "content-type", ""
-    ):
+    # every X-Tenant-Id header, not only the first; and the body of any method with a JSON
+    # media type in any letter case (FastAPI parses those bodies, so they are checked here)
+    named = set(request.headers.getlist(TENANT_HEADER))
+    if "json" in request.headers.get("content-type", "").lower():
         try:
             body = json.loads(await request.body() or b"null")
         except ValueError:
