@@ -55,7 +55,6 @@ DROP = object()  # claim value meaning "leave this claim out"
 
 # Marked at collection time (not only by conftest's modifyitems hook): anyio's plugin then keeps
 # the parametrize callspecs of async tests instead of replacing them with its backend callspec.
-pytestmark = pytest.mark.anyio
 
 
 # --- keys, JWKS and tokens ---------------------------------------------------------------------

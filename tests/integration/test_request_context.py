@@ -25,7 +25,6 @@ from ragplane.platform import create_app
 from tests.conftest import PgCluster, make_settings
 
 # Marked at collection time so anyio's plugin keeps the parametrize callspecs of async tests.
-pytestmark = pytest.mark.anyio
 
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-(0[01])$")
 REQUEST_ID = re.compile(r"^req_[0-9a-f]{24}$")

@@ -46,14 +46,17 @@ def test_sampled_is_bit_zero_of_the_flags(flags: str, sampled: bool) -> None:
     assert HEADER.fullmatch(ctx.traceparent)
 
 
-def test_uppercase_hex_is_normalised_to_lowercase() -> None:
-    """Accepted and re-emitted in lowercase (W3C says senders use lowercase only; the parser
-    here is lenient on input, and what it sends on is always lowercase)."""
-    ctx = TraceContext.continue_from(f"00-{TRACE.upper()}-{SPAN.upper()}-01")
-    assert ctx is not None
-    assert ctx.trace_id == TRACE
-    assert ctx.parent_span_id == SPAN
-    assert HEADER.fullmatch(ctx.traceparent)
+@pytest.mark.parametrize(
+    "header",
+    [
+        f"00-{TRACE.upper()}-{SPAN}-01",
+        f"00-{TRACE}-{SPAN.upper()}-01",
+        f"00-{TRACE}-{SPAN}-0A",
+    ],
+)
+def test_uppercase_hex_is_ignored(header: str) -> None:
+    """W3C Trace Context: a traceparent with non-lowercase hex MUST be ignored."""
+    assert TraceContext.continue_from(header) is None
 
 
 def test_surrounding_whitespace_is_tolerated() -> None:

@@ -33,7 +33,7 @@ class TraceContext:
         """A new span of the caller's trace, or None if the header is absent or malformed."""
         if not traceparent:
             return None
-        m = _TRACEPARENT.fullmatch(traceparent.strip().lower())
+        m = _TRACEPARENT.fullmatch(traceparent.strip())  # uppercase hex is invalid (W3C)
         if m is None or m.group(1) == _ZERO_TRACE or m.group(2) == _ZERO_SPAN:
             return None
         return cls(
