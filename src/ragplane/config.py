@@ -31,7 +31,8 @@ from pydantic import (
     IPvAnyNetwork,
     SecretStr,
     ValidationError,
-    model_validator,
+    ValidationInfo,
+    field_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -147,14 +148,18 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     edge: EdgeSettings = EdgeSettings()
 
-    @model_validator(mode="after")
-    def _dev_mode_only_on_loopback(self) -> Settings:
-        if self.dev_mode and not is_loopback_host(self.host):
+    @field_validator("host")
+    @classmethod
+    def _dev_mode_only_on_loopback(cls, host: str, info: ValidationInfo) -> str:
+        # a field validator (dev_mode is declared before host, so it is in info.data) rather
+        # than a model validator, so that the error is reported against the key "host" and
+        # the source it came from
+        if info.data.get("dev_mode") and not is_loopback_host(host):
             raise ValueError(
-                f"dev_mode is refused unless the server binds to loopback; host is {self.host!r} "
+                f"dev_mode is refused unless the server binds to loopback; host is {host!r} "
                 "(use 127.0.0.1 or localhost, or turn dev_mode off)"
             )
-        return self
+        return host
 
     @property
     def embedded_database(self) -> bool:
@@ -185,6 +190,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not valid UTF-8 (byte offset {exc.start}): {exc.reason}"
+        ) from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
