@@ -9,6 +9,8 @@ each test that asks for a clean database.
 from __future__ import annotations
 
 import inspect
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -74,8 +76,11 @@ class PgCluster:
 
 
 @pytest.fixture(scope="session")
-def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgCluster]:
-    data_dir = tmp_path_factory.mktemp("ragplane-data")
+def pg() -> Iterator[PgCluster]:
+    # Not under pytest's basetemp: as root the server runs as the `pgserver` user, and
+    # every new pytest session resets /tmp/pytest-of-root to 0700, which would lock a
+    # concurrently running session's server out of its own data directory.
+    data_dir = Path(tempfile.mkdtemp(prefix="ragplane-test-"))
     embedded = EmbeddedPostgres(data_dir)
     urls = embedded.start()
     superuser = embedded.superuser_url
@@ -90,6 +95,7 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgCluster]:
         yield PgCluster(urls=urls, superuser_url=superuser, data_dir=data_dir)
     finally:
         embedded.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture
