@@ -365,15 +365,22 @@ async def test_rows_for_another_tenant_are_refused_by_with_check(
             update = sql.SQL("UPDATE {} SET tenant_id = %s").format(ident(table))
             err = await refused(conn, update, (BETA,), tenant=ALPHA)
             assert "row-level security" in str(err), err
-            # upsert onto another tenant's primary key does not touch that row
+            # upsert onto another tenant's primary key does not touch that row: keys are
+            # (tenant_id, id), so it cannot conflict with it and inserts alpha's own row
             if table == "public.documents":
                 victim = world.of(table, BETA)[0].pk
-                upsert = (
-                    "INSERT INTO documents (id, tenant_id, namespace, source_uri, title, "
-                    "content_hash) VALUES (%s, %s, 'default', 'x', 'pwned', 'h') "
-                    "ON CONFLICT (id) DO UPDATE SET title = 'pwned'"
-                )
-                await refused(conn, upsert, (victim, ALPHA), tenant=ALPHA)
+                async with conn.transaction(force_rollback=True):
+                    await conn.execute("SELECT set_config('app.tenant_id', %s, true)", (ALPHA,))
+                    cur = await conn.execute(
+                        "INSERT INTO documents (id, tenant_id, namespace, source_uri, title, "
+                        "content_hash) VALUES (%s, %s, 'default', 'x', 'pwned', 'h') "
+                        "ON CONFLICT (tenant_id, id) DO UPDATE SET title = 'pwned' "
+                        "RETURNING tenant_id",
+                        (victim, ALPHA),
+                    )
+                    assert await cur.fetchall() == [(ALPHA,)]
+                    cur = await conn.execute("SELECT count(*) FROM documents WHERE title = 'pwned'")
+                    assert await cur.fetchone() == (1,)  # alpha's new row, nothing else
     # the same through the data layer
     async with app_db.tenant(ALPHA) as s:
         for table in world.tables:
@@ -500,30 +507,62 @@ async def test_a_parent_of_another_tenant_cannot_be_referenced_and_reveals_nothi
     assert await stored_rows(clean_db, world) == seeded
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: primary keys of tenant tables are global (not (tenant_id, id)), so "
-    "inserting a row with another tenant's id fails with a duplicate-key error and "
-    "confirms that the id exists; needs tenant-scoped primary keys",
-)
+# For each tenant table: an INSERT naming its primary key explicitly, and a fresh key.
+PK_PROBES: dict[str, tuple[str, Any]] = {
+    "public.documents": (
+        "INSERT INTO documents (id, tenant_id, namespace, source_uri, content_hash) "
+        "VALUES (%(pk)s, %(tenant)s, 'default', %(uri)s, 'h')",
+        lambda: str(uuid.uuid4()),
+    ),
+    "public.chunks": (
+        "INSERT INTO chunks (id, tenant_id, document_id, ordinal, text, embedding_model) "
+        "VALUES (%(pk)s, %(tenant)s, %(parent)s, 1000 + %(i)s, 'probe', 'm')",
+        lambda: str(uuid.uuid4()),
+    ),
+    "public.chat_sessions": (
+        "INSERT INTO chat_sessions (id, tenant_id) VALUES (%(pk)s, %(tenant)s)",
+        lambda: str(uuid.uuid4()),
+    ),
+    "public.chat_messages": (
+        # an identity column, but OVERRIDING SYSTEM VALUE lets any writer choose the id
+        "INSERT INTO chat_messages (id, tenant_id, session_id, role, content) "
+        "OVERRIDING SYSTEM VALUE VALUES (%(pk)s, %(tenant)s, %(parent)s, 'user', 'probe')",
+        lambda: str(random.randrange(10**12, 10**13)),
+    ),
+    "public.request_log": (
+        "INSERT INTO request_log (request_id, tenant_id, route, status, latency_ms) "
+        "VALUES (%(pk)s, %(tenant)s, 'probe', 200, 1)",
+        lambda: f"req_probe_{uuid.uuid4().hex}",
+    ),
+}
+
+
 async def test_reusing_another_tenants_primary_key_reveals_nothing(
     clean_db: PgCluster, app_db: Database
 ) -> None:
+    """Primary keys are (tenant_id, id): inserting a row with another tenant's id behaves
+    exactly like inserting one with a fresh id, so it cannot confirm the id exists."""
     world = await seed(clean_db, app_db)
-    victim = world.of("public.documents", BETA)[0].pk
-    insert = (
-        "INSERT INTO documents (id, tenant_id, namespace, source_uri, content_hash) "
-        "VALUES (%s, %s, 'default', %s, 'h')"
-    )
+    assert set(PK_PROBES) == set(world.tables), "add a primary-key probe for the new table"
     async with connect(clean_db.app) as conn:
-        outcomes = []
-        for n, pk in enumerate((str(uuid.uuid4()), victim)):
-            try:
-                await in_transaction(conn, insert, (pk, ALPHA, f"probe-{n}"), tenant=ALPHA)
-                outcomes.append("inserted")
-            except psycopg.Error as exc:
-                outcomes.append(str(exc.sqlstate))
-    assert outcomes[0] == outcomes[1]
+        for i, (table, (insert, fresh)) in enumerate(sorted(PK_PROBES.items())):
+            fk = world.parent_fk(table)
+            parent = world.of(fk.parent, ALPHA)[0].pk if fk else None
+            outcomes = []
+            for n, pk in enumerate((fresh(), world.of(table, BETA)[0].pk)):
+                params = {
+                    "pk": pk,
+                    "tenant": ALPHA,
+                    "parent": parent,
+                    "uri": f"probe-{i}-{n}",
+                    "i": 2 * i + n,
+                }
+                try:
+                    await in_transaction(conn, insert, params, tenant=ALPHA)
+                    outcomes.append("inserted")
+                except psycopg.Error as exc:
+                    outcomes.append(str(exc.sqlstate))
+            assert outcomes == ["inserted", "inserted"], (table, outcomes)
 
 
 # --------------------------------------------------------------------------- pooling

@@ -20,8 +20,13 @@ END
 $$;
 REVOKE ALL ON FUNCTION ragplane_meta.enable_tenant_rls(regclass) FROM PUBLIC;
 
+-- Keys are scoped by tenant: primary keys are (tenant_id, id), unique keys start
+-- with tenant_id, and children reference parents by (tenant_id, id). A tenant that
+-- inserts a row naming another tenant's id or parent gets the same error as for an
+-- id that does not exist, so constraint errors reveal nothing across tenants.
+
 CREATE TABLE documents (
-    id            uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    id            uuid NOT NULL DEFAULT gen_random_uuid(),
     tenant_id     text NOT NULL REFERENCES control.tenants (id),
     namespace     text NOT NULL,
     source_uri    text NOT NULL,
@@ -30,12 +35,12 @@ CREATE TABLE documents (
     metadata      jsonb NOT NULL DEFAULT '{}',
     created_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (tenant_id, namespace, source_uri),
-    UNIQUE (tenant_id, id)
+    PRIMARY KEY (tenant_id, id),
+    UNIQUE (tenant_id, namespace, source_uri)
 );
 
 CREATE TABLE chunks (
-    id               uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    id               uuid NOT NULL DEFAULT gen_random_uuid(),
     tenant_id        text NOT NULL REFERENCES control.tenants (id),
     document_id      uuid NOT NULL,
     ordinal          integer NOT NULL,
@@ -43,39 +48,40 @@ CREATE TABLE chunks (
     embedding_model  text NOT NULL,
     embedding        vector,
     metadata         jsonb NOT NULL DEFAULT '{}',
-    UNIQUE (document_id, ordinal),
-    -- composite keys: a row can only point at a parent of its own tenant
+    PRIMARY KEY (tenant_id, id),
+    UNIQUE (tenant_id, document_id, ordinal),
     FOREIGN KEY (tenant_id, document_id) REFERENCES documents (tenant_id, id) ON DELETE CASCADE
 );
-CREATE INDEX chunks_tenant_idx ON chunks (tenant_id);
 
 CREATE TABLE chat_sessions (
-    id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    id          uuid NOT NULL DEFAULT gen_random_uuid(),
     tenant_id   text NOT NULL REFERENCES control.tenants (id),
     subject     text NOT NULL DEFAULT '',
     created_at  timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (tenant_id, id)
+    PRIMARY KEY (tenant_id, id)
 );
 
 CREATE TABLE chat_messages (
-    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id          bigint GENERATED ALWAYS AS IDENTITY,
     tenant_id   text NOT NULL REFERENCES control.tenants (id),
     session_id  uuid NOT NULL,
     role        text NOT NULL CHECK (role IN ('user', 'assistant', 'system', 'tool')),
     content     text NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, id),
     FOREIGN KEY (tenant_id, session_id) REFERENCES chat_sessions (tenant_id, id) ON DELETE CASCADE
 );
 CREATE INDEX chat_messages_tenant_session_idx ON chat_messages (tenant_id, session_id);
 
 CREATE TABLE request_log (
-    request_id  text PRIMARY KEY,
+    request_id  text NOT NULL,
     tenant_id   text NOT NULL REFERENCES control.tenants (id),
     route       text NOT NULL,
     status      integer NOT NULL,
     latency_ms  double precision NOT NULL,
     trace_id    text NOT NULL DEFAULT '',
-    created_at  timestamptz NOT NULL DEFAULT now()
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, request_id)
 );
 CREATE INDEX request_log_tenant_created_idx ON request_log (tenant_id, created_at);
 
