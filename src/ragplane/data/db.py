@@ -12,6 +12,7 @@ connection is reset before reuse.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from typing import Any, LiteralString
 
 import psycopg
 import psycopg_pool
+from psycopg import sql
 from psycopg.rows import DictRow, dict_row
 
 from ragplane.errors import DatabaseUnavailable, TenantScopeError
@@ -28,6 +30,10 @@ __all__ = ["TENANT_ID_PATTERN", "Database", "Session", "TenantSession", "validat
 TENANT_ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]{2,62}$")
 
 Params = Sequence[Any] | dict[str, Any]
+
+_BEGIN = sql.SQL("BEGIN")
+# BEGIN and the transaction-local tenant setting in one round trip
+_BEGIN_TENANT = sql.SQL("BEGIN; SELECT set_config('app.tenant_id', {}, true)")
 
 
 def validate_tenant_id(tenant_id: object) -> str:
@@ -102,7 +108,7 @@ class Database:
                 reset=_reset,
                 kwargs={
                     "row_factory": dict_row,
-                    "autocommit": True,  # transactions are explicit: conn.transaction()
+                    "autocommit": True,  # units of work send BEGIN/COMMIT themselves
                     "connect_timeout": max(1, int(timeout_s)),
                     "application_name": f"ragplane-{name}",
                 },
@@ -130,19 +136,34 @@ class Database:
         await self.close()
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
+    async def _transaction(
+        self, begin: sql.SQL | sql.Composed = _BEGIN
+    ) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
+        """``begin`` … COMMIT on a pooled connection; ROLLBACK if the block raises.
+
+        ``begin`` goes out as one simple query, so a unit of work can open with more
+        than BEGIN (the tenant setting) in the same round trip.
+        """
         try:
-            async with self._pool.connection() as conn, conn.transaction():
-                yield conn
+            async with self._pool.connection() as conn:
+                await conn.execute(begin)
+                try:
+                    yield conn
+                except BaseException:
+                    if not conn.closed:
+                        with contextlib.suppress(psycopg.Error):
+                            await conn.rollback()
+                    raise
+                await conn.commit()
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
             raise DatabaseUnavailable(f"{self.name} database unavailable: {exc}") from exc
 
     @asynccontextmanager
     async def tenant(self, tenant_id: str) -> AsyncIterator[TenantSession]:
         """A unit of work on one tenant's rows: a transaction with ``app.tenant_id`` set first."""
-        validate_tenant_id(tenant_id)
-        async with self._transaction() as conn:
-            await conn.execute("SELECT set_config('app.tenant_id', %s, true)", (tenant_id,))
+        validate_tenant_id(tenant_id)  # also what makes the literal below safe to inline
+        begin = _BEGIN_TENANT.format(sql.Literal(tenant_id))
+        async with self._transaction(begin) as conn:
             yield TenantSession(conn, tenant_id)
 
     @asynccontextmanager
