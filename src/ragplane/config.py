@@ -278,6 +278,24 @@ def load_settings(
     if config_file is None and DEFAULT_CONFIG_FILE.is_file():
         config_file = DEFAULT_CONFIG_FILE
     yaml_values = _read_yaml(config_file) if config_file is not None else {}
+    # nested unknown keys are caught by validation; a misspelt top-level variable would
+    # be silently ignored by the environment source, so it is caught here
+    unknown = sorted(
+        name
+        for name in env
+        if name.startswith(ENV_PREFIX)
+        and name != ENV_PREFIX + "CONFIG"
+        and name[len(ENV_PREFIX) :].split("__")[0].lower() not in Settings.model_fields
+    )
+    if unknown:
+        raise ConfigError(
+            "invalid configuration:\n"
+            + "\n".join(
+                f"  - {n[len(ENV_PREFIX) :].lower()} in environment variable {n}: "
+                "no such setting (check the spelling)"
+                for n in unknown
+            )
+        )
     token = _yaml_values.set(yaml_values)
     try:
         return Settings(**overrides)

@@ -11,7 +11,7 @@ tenant's seeded rows come back.
 
 The random choices come from one seed, printed at the start of each randomized
 test and part of every assertion message. Reproduce a failure with
-``RAGPLANE_ISOLATION_SEED=<seed> bash scripts/test.sh tests/integration/test_isolation.py``.
+``ISOLATION_SEED=<seed> bash scripts/test.sh tests/integration/test_isolation.py``.
 
 Role capabilities (what the application, reporting and owner roles can and
 cannot do) are in ``test_isolation_roles.py``.
@@ -844,10 +844,10 @@ def assert_coverage(log: ReadLog, w: World, paths: set[str]) -> None:
 
 @pytest.fixture
 def isolation_seed(record_property: Callable[[str, object], None]) -> int:
-    env = os.environ.get("RAGPLANE_ISOLATION_SEED")
+    env = os.environ.get("ISOLATION_SEED")
     seed = int(env) if env else random.SystemRandom().randrange(2**32)
     record_property("isolation_seed", seed)
-    print(f"isolation seed: {seed} (rerun with RAGPLANE_ISOLATION_SEED={seed})")
+    print(f"isolation seed: {seed} (rerun with ISOLATION_SEED={seed})")
     return seed
 
 

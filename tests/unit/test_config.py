@@ -233,6 +233,34 @@ def test_unknown_nested_key_in_yaml(tmp_path: Path) -> None:
     assert "no such setting (check the spelling)" in msg
 
 
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [("RAGPLANE_PROT", "prot"), ("RAGPLANE_DATABSE__URL", "databse__url")],
+)
+def test_misspelt_top_level_env_var_is_an_error_not_ignored(
+    monkeypatch: pytest.MonkeyPatch, name: str, key: str
+) -> None:
+    monkeypatch.setenv(name, "1")
+    msg = config_error()
+    assert f"- {key} in environment variable {name}" in msg
+    assert "no such setting (check the spelling)" in msg
+
+
+def test_misspelt_nested_env_var_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAGPLANE_DATABASE__POOL_MAX_SZE", "4")
+    msg = config_error()
+    assert "- database.pool_max_sze in environment variable RAGPLANE_DATABASE__POOL_MAX_SZE" in msg
+    assert "no such setting (check the spelling)" in msg
+
+
+def test_ragplane_config_is_not_taken_for_a_setting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cfg = write(tmp_path / "settings.yaml", "port: 9001\n")
+    monkeypatch.setenv("RAGPLANE_CONFIG", str(cfg))
+    assert load_settings().port == 9001
+
+
 def test_invalid_enum_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAGPLANE_REGION", "mars")
     msg = config_error()
