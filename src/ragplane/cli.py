@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.table import Table
 
 from ragplane.config import Region, Settings, load_settings
 from ragplane.errors import RagplaneError
+
+if TYPE_CHECKING:
+    from ragplane.data import Session
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -72,6 +75,24 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     except psycopg.IntegrityError as exc:  # a constraint the command did not check itself
         reason = exc.diag.message_primary or str(exc)
         raise RagplaneError(f"the database refused the change: {reason}") from exc
+
+
+def _control(
+    settings: Settings, work: Callable[[Session], Awaitable[T]], *, as_owner: bool = False
+) -> T:
+    """Run ``work`` in one control-plane unit of work: as the owner for writes, else as the
+    application role."""
+    from ragplane.data import Database
+
+    with _owner_and_app(settings) as (owner_url, app_url):
+        url = _need_owner(owner_url) if as_owner else app_url
+
+        async def go() -> T:
+            db = Database(url, max_size=1, name="owner" if as_owner else "app")
+            async with db, db.control() as session:
+                return await work(session)
+
+        return _run(go())
 
 
 def _need_owner(owner: str | None) -> str:
@@ -232,7 +253,6 @@ def tenants_add(
 ) -> None:
     """Register a tenant."""
     from ragplane.control.tenants import add_tenant
-    from ragplane.data import Database
 
     if region not in ("eu", "us"):
         raise typer.BadParameter("region must be 'eu' or 'us'", param_hint="--region")
@@ -242,21 +262,19 @@ def tenants_add(
         )
     home: Region = "eu" if region == "eu" else "us"
     settings = _settings(config, data_dir=data_dir)
-
-    async def go(owner: str) -> None:
-        async with Database(owner, max_size=1, name="owner") as db, db.control() as s:
-            t = await add_tenant(
-                s,
-                tenant_id,
-                name=name,
-                home_region=home,
-                data_class=data_class,
-                kb_namespaces=tuple(kb or ("default",)),
-            )
-        out.print(f"added tenant [bold]{t.id}[/] ({t.name}, home region {t.home_region})")
-
-    with _owner_and_app(settings) as (owner, _):
-        _run(go(_need_owner(owner)))
+    t = _control(
+        settings,
+        lambda s: add_tenant(
+            s,
+            tenant_id,
+            name=name,
+            home_region=home,
+            data_class=data_class,
+            kb_namespaces=tuple(kb or ("default",)),
+        ),
+        as_owner=True,
+    )
+    out.print(f"added tenant [bold]{t.id}[/] ({t.name}, home region {t.home_region})")
 
 
 def _tenant_table(rows: list[Any]) -> Table:
@@ -280,32 +298,18 @@ def _tenant_table(rows: list[Any]) -> Table:
 def tenants_list(data_dir: DataDirOpt = None, config: ConfigOpt = None) -> None:
     """List registered tenants."""
     from ragplane.control.tenants import list_tenants
-    from ragplane.data import Database
 
     settings = _settings(config, data_dir=data_dir)
-
-    async def go(url: str) -> list[Any]:
-        async with Database(url, max_size=1) as db, db.control() as s:
-            return await list_tenants(s)
-
-    with _owner_and_app(settings) as (_, app_url):
-        out.print(_tenant_table(_run(go(app_url))))
+    out.print(_tenant_table(_control(settings, list_tenants)))
 
 
 @tenants_app.command("show")
 def tenants_show(tenant_id: str, data_dir: DataDirOpt = None, config: ConfigOpt = None) -> None:
     """Show one tenant."""
     from ragplane.control.tenants import get_tenant
-    from ragplane.data import Database
 
     settings = _settings(config, data_dir=data_dir)
-
-    async def go(url: str) -> Any:
-        async with Database(url, max_size=1) as db, db.control() as s:
-            return await get_tenant(s, tenant_id)
-
-    with _owner_and_app(settings) as (_, app_url):
-        out.print(_tenant_table([_run(go(app_url))]))
+    out.print(_tenant_table([_control(settings, lambda s: get_tenant(s, tenant_id))]))
 
 
 @keys_app.command("create")
@@ -317,21 +321,18 @@ def keys_create(
     config: ConfigOpt = None,
 ) -> None:
     """Create an API key for a tenant; the key is printed once, on the last line."""
-    from ragplane.control.apikeys import create_api_key
+    from ragplane.control.apikeys import ApiKey, create_api_key
     from ragplane.control.tenants import get_tenant
-    from ragplane.data import Database
 
     settings = _settings(config, data_dir=data_dir)
 
-    async def go(owner: str) -> None:
-        async with Database(owner, max_size=1, name="owner") as db, db.control() as s:
-            await get_tenant(s, tenant)  # TenantNotFound names the tenant
-            key, plaintext = await create_api_key(s, tenant, name=name, scopes=tuple(scope or ()))
-        err.print(f"created key {key.id} for {key.tenant_id}; store it now, it is not shown again:")
-        print(plaintext)
+    async def create(s: Session) -> tuple[ApiKey, str]:
+        await get_tenant(s, tenant)  # TenantNotFound names the tenant
+        return await create_api_key(s, tenant, name=name, scopes=tuple(scope or ()))
 
-    with _owner_and_app(settings) as (owner, _):
-        _run(go(_need_owner(owner)))
+    key, plaintext = _control(settings, create, as_owner=True)
+    err.print(f"created key {key.id} for {key.tenant_id}; store it now, it is not shown again:")
+    print(plaintext)
 
 
 @keys_app.command("list")
@@ -342,42 +343,28 @@ def keys_list(
 ) -> None:
     """List a tenant's API keys (ids only; secrets are never stored)."""
     from ragplane.control.apikeys import list_api_keys
-    from ragplane.data import Database
 
     settings = _settings(config, data_dir=data_dir)
-
-    async def go(url: str) -> list[Any]:
-        async with Database(url, max_size=1) as db, db.control() as s:
-            return await list_api_keys(s, tenant)
-
-    with _owner_and_app(settings) as (_, app_url):
-        table = Table("id", "name", "scopes", "created", "revoked")
-        for k in _run(go(app_url)):
-            table.add_row(
-                k.id,
-                k.name,
-                " ".join(k.scopes),
-                f"{k.created_at:%Y-%m-%d %H:%M}",
-                f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "",
-            )
-        out.print(table)
+    table = Table("id", "name", "scopes", "created", "revoked")
+    for k in _control(settings, lambda s: list_api_keys(s, tenant)):
+        table.add_row(
+            k.id,
+            k.name,
+            " ".join(k.scopes),
+            f"{k.created_at:%Y-%m-%d %H:%M}",
+            f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "",
+        )
+    out.print(table)
 
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: str, data_dir: DataDirOpt = None, config: ConfigOpt = None) -> None:
     """Revoke an API key by id."""
     from ragplane.control.apikeys import revoke_api_key
-    from ragplane.data import Database
 
     settings = _settings(config, data_dir=data_dir)
-
-    async def go(owner: str) -> bool:
-        async with Database(owner, max_size=1, name="owner") as db, db.control() as s:
-            return await revoke_api_key(s, key_id)
-
-    with _owner_and_app(settings) as (owner, _):
-        if not _run(go(_need_owner(owner))):
-            raise RagplaneError(f"no active API key with id {key_id!r}")
+    if not _control(settings, lambda s: revoke_api_key(s, key_id), as_owner=True):
+        raise RagplaneError(f"no active API key with id {key_id!r}")
     out.print(f"revoked {key_id}")
 
 
