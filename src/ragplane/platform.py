@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 import httpx
@@ -22,6 +21,7 @@ from ragplane.control.tenants import TenantRegistry, add_tenant
 from ragplane.data import Database, DatabaseUrls, EmbeddedPostgres
 from ragplane.edge.auth import (
     Authenticator,
+    ChainedKeySource,
     FileKeySource,
     JwtVerifier,
     KeySource,
@@ -64,20 +64,6 @@ def database_urls(settings: Settings) -> DatabaseUrls:
         owner=db.owner_url.get_secret_value() if db.owner_url else None,
         reporting=db.reporting_url.get_secret_value() if db.reporting_url else None,
     )
-
-
-class _MergedKeys:
-    """Configured JWKS first, then the dev key (dev mode only)."""
-
-    def __init__(self, *sources: KeySource) -> None:
-        self._sources = sources
-
-    async def get(self, kid: str) -> Any:
-        for source in self._sources:
-            key = await source.get(kid)
-            if key is not None:
-                return key
-        return None
 
 
 class Platform:
@@ -130,7 +116,7 @@ class Platform:
             sources.append(StaticKeySource(self.dev_keys.public_jwks(), origin="dev keys"))
         return JwtVerifier(
             a,
-            _MergedKeys(*sources) if sources else None,
+            ChainedKeySource(*sources) if sources else None,
             hs256_secret=self.dev_keys.hs256_secret if self.dev_keys else None,
         )
 

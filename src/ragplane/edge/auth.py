@@ -37,6 +37,7 @@ from ragplane.observe.logging import get_logger
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
     "Authenticator",
+    "ChainedKeySource",
     "FileKeySource",
     "JwtVerifier",
     "KeySource",
@@ -153,6 +154,20 @@ class UrlKeySource:
             # not refetched yet (rate limit): the key is unknown because the fetch failed
             raise self._unavailable()
         return self._keys.get(kid)
+
+
+class ChainedKeySource:
+    """Several key sources, asked in order (configured JWKS first, then the dev key)."""
+
+    def __init__(self, *sources: KeySource) -> None:
+        self._sources = sources
+
+    async def get(self, kid: str) -> jwt.PyJWK | None:
+        for source in self._sources:
+            key = await source.get(kid)
+            if key is not None:
+                return key
+        return None
 
 
 _DECODE_ERRORS: tuple[tuple[type[jwt.PyJWTError], str, str], ...] = (
