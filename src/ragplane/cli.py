@@ -21,6 +21,8 @@ from ragplane.errors import RagplaneError
 if TYPE_CHECKING:
     from ragplane.data import Session
 
+__all__ = ["app", "main"]
+
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
