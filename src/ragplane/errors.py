@@ -13,6 +13,10 @@ so callers, handlers and (later) retries and breakers look only at this tree::
     ├── ControlError
     │   ├── TenantNotFound
     │   └── TenantExists
+    ├── KnowledgeError
+    │   ├── IngestError         one document could not be ingested (carries a code)
+    │   ├── EmbeddingError      the embedder failed (model missing, remote error)
+    │   └── ModelMismatch       a query names a namespace pinned to another model
     └── ApiError                carries an HTTP status and a stable error code
         ├── BadRequest          400
         ├── Unauthorized        401 (credentials missing or not valid)
@@ -32,8 +36,12 @@ __all__ = [
     "ControlError",
     "DataError",
     "DatabaseUnavailable",
+    "EmbeddingError",
     "Forbidden",
+    "IngestError",
+    "KnowledgeError",
     "MigrationError",
+    "ModelMismatch",
     "NotFound",
     "RagplaneError",
     "TenantExists",
@@ -81,6 +89,32 @@ class TenantExists(ControlError):
     def __init__(self, tenant_id: str) -> None:
         super().__init__(f"tenant {tenant_id!r} already exists")
         self.tenant_id = tenant_id
+
+
+class KnowledgeError(RagplaneError):
+    """A knowledge-base failure."""
+
+
+class IngestError(KnowledgeError):
+    """One document could not be ingested; the rest of its batch goes on.
+
+    ``code`` is one of: ``unsupported_type``, ``empty_document``, ``invalid_utf8``,
+    ``too_large``, ``no_text_layer``, ``unreadable``, ``invalid_record``.
+    """
+
+    def __init__(self, code: str, message: str, *, source_uri: str = "") -> None:
+        super().__init__(f"{source_uri}: {message}" if source_uri else message)
+        self.code = code
+        self.message = message
+        self.source_uri = source_uri
+
+
+class EmbeddingError(KnowledgeError):
+    """The embedder could not produce vectors."""
+
+
+class ModelMismatch(KnowledgeError):
+    """A namespace is pinned to one embedding model and was asked to use another."""
 
 
 class ApiError(RagplaneError):

@@ -1,0 +1,1 @@
+"""Knowledge base: parsing, chunking, embedding, idempotent ingestion and hybrid retrieval."""
