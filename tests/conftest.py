@@ -27,7 +27,7 @@ from ragplane.control.tenants import add_tenant
 from ragplane.data import Database, DatabaseUrls, EmbeddedPostgres
 from ragplane.platform import create_app
 
-TENANT_TABLES = ("documents", "chunks", "chat_sessions", "chat_messages", "request_log")
+TENANT_TABLES = ("kb_state", "documents", "chunks", "chat_sessions", "chat_messages", "request_log")
 TEST_TENANTS = {
     "tnt_alpha": "eu",
     "tnt_beta": "eu",

@@ -56,6 +56,7 @@ CONTROL_PLANE_TABLES = frozenset({"control.api_keys", "control.kb_namespaces"})
 # carries a per-row marker. A new tenant table fails the suite until it is
 # added here (and to TENANT_TABLES in conftest, so clean_db truncates it).
 TABLE_SHAPES: dict[str, tuple[str, str]] = {
+    "public.kb_state": ("namespace", "active_model"),
     "public.documents": ("id", "title"),
     "public.chunks": ("id", "text"),
     "public.chat_sessions": ("id", "subject"),
@@ -287,11 +288,19 @@ def insert_statement(
             (tenant, f"s3://{tenant}/doc-{n}.md", marker, f"sha256:{tenant}:{n}"),
             marker,
         )
-    if table == "public.chunks":
+    if table == "public.kb_state":
         return (
-            "INSERT INTO chunks (tenant_id, document_id, ordinal, text, embedding_model, "
-            "embedding) VALUES (%s, %s, %s, %s, 'all-minilm-l6-v2', %s::vector) "
-            "RETURNING id::text",
+            "INSERT INTO kb_state (tenant_id, namespace, active_model, kb_version) "
+            "VALUES (%s, %s, %s, %s) RETURNING namespace",
+            (tenant, f"{tenant}-ns-{n}", marker, n),
+            marker,
+        )
+    if table == "public.chunks":
+        # a model without an HNSW index: 3-dimensional test vectors are valid for it
+        return (
+            "INSERT INTO chunks (tenant_id, document_id, namespace, ordinal, text, "
+            "embedding_model, embedding) VALUES (%s, %s, 'default', %s, %s, 'test-3d', "
+            "%s::vector) RETURNING id::text",
             (tenant, parent, n, marker, f"[{n + 1},{len(tenant)},0.5]"),
             marker,
         )

@@ -514,9 +514,15 @@ PK_PROBES: dict[str, tuple[str, Any]] = {
         "VALUES (%(pk)s, %(tenant)s, 'default', %(uri)s, 'h')",
         lambda: str(uuid.uuid4()),
     ),
+    "public.kb_state": (
+        "INSERT INTO kb_state (tenant_id, namespace, active_model) "
+        "VALUES (%(tenant)s, %(pk)s, 'probe')",
+        lambda: f"ns-probe-{uuid.uuid4().hex}",
+    ),
     "public.chunks": (
-        "INSERT INTO chunks (id, tenant_id, document_id, ordinal, text, embedding_model) "
-        "VALUES (%(pk)s, %(tenant)s, %(parent)s, 1000 + %(i)s, 'probe', 'm')",
+        "INSERT INTO chunks (id, tenant_id, document_id, namespace, ordinal, text, "
+        "embedding_model) VALUES (%(pk)s, %(tenant)s, %(parent)s, 'default', 1000 + %(i)s, "
+        "'probe', 'm')",
         lambda: str(uuid.uuid4()),
     ),
     "public.chat_sessions": (

@@ -14,13 +14,18 @@ CREATE TABLE control.tenants (
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
 
+-- A knowledge-base namespace's configuration. Its data-plane state (kb_version,
+-- the model its vectors currently use) is tenant data: public.kb_state.
 CREATE TABLE control.kb_namespaces (
-    tenant_id        text NOT NULL REFERENCES control.tenants (id) ON DELETE CASCADE,
-    name             text NOT NULL CHECK (name ~ '^[a-z0-9][a-z0-9_.-]{0,62}$'),
-    embedding_model  text NOT NULL,
-    kb_version       bigint NOT NULL DEFAULT 0,
-    created_at       timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (tenant_id, name)
+    tenant_id             text NOT NULL REFERENCES control.tenants (id) ON DELETE CASCADE,
+    name                  text NOT NULL CHECK (name ~ '^[a-z0-9][a-z0-9_.-]{0,62}$'),
+    embedding_model       text NOT NULL,  -- the pin; a change re-embeds in the background
+    chunk_max_tokens      integer NOT NULL DEFAULT 256 CHECK (chunk_max_tokens BETWEEN 16 AND 8192),
+    chunk_overlap_tokens  integer NOT NULL DEFAULT 32 CHECK (chunk_overlap_tokens >= 0),
+    retrieval             jsonb NOT NULL DEFAULT '{}',  -- fusion method and weights, if not default
+    created_at            timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, name),
+    CHECK (chunk_overlap_tokens * 2 < chunk_max_tokens)
 );
 
 CREATE TABLE control.api_keys (
