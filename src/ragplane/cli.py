@@ -460,6 +460,80 @@ def bench_tenancy(
     out.print(table)
 
 
+@bench_app.command("retrieval")
+def bench_retrieval(
+    dataset: Annotated[Path, typer.Option(help="BEIR-format directory (corpus, queries, qrels).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    sweep: Annotated[bool, typer.Option(help="Also score a grid of fusion settings.")] = False,
+    limit: Annotated[int | None, typer.Option(help="Ingest only the first N documents.")] = None,
+) -> None:
+    """Retrieval quality and latency: BM25, dense, and ragplane hybrid, side by side.
+
+    Ingests the corpus through the real ingestion path into a throwaway embedded
+    database in a temporary directory.
+    """
+    import json
+    import tempfile
+
+    from ragplane.data import EmbeddedPostgres
+    from ragplane.evals.bench_retrieval import default_sweep, load_beir, run_retrieval_bench
+
+    data = load_beir(dataset)
+    with tempfile.TemporaryDirectory(prefix="ragplane-bench-") as tmp:
+        embedded = EmbeddedPostgres(Path(tmp))
+        urls = embedded.start()
+        try:
+            result = _run(
+                run_retrieval_bench(
+                    urls,
+                    data,
+                    sweep=default_sweep() if sweep else (),
+                    limit_documents=limit,
+                    progress=lambda msg: err.print(f"[dim]{msg}[/]"),
+                )
+            )
+        finally:
+            embedded.stop()
+    if as_json:
+        print(json.dumps(result.as_json(), indent=2))
+        return
+    table = Table(
+        "retriever",
+        "nDCG@10",
+        "recall@10",
+        "recall@100",
+        "p50 ms",
+        "p95 ms",
+        "p50 ms (+embed)",
+        "p95 ms (+embed)",
+        title=f"{dataset.name}: {result.documents:,} documents, {result.chunks:,} chunks, "
+        f"{result.queries} queries",
+    )
+    for name, r in result.retrievers.items():
+        table.add_row(
+            name,
+            f"{r.ndcg_10:.3f}",
+            f"{r.recall_10:.3f}",
+            f"{r.recall_100:.3f}",
+            f"{r.p50_ms:.2f}",
+            f"{r.p95_ms:.2f}",
+            "" if r.p50_with_embed_ms is None else f"{r.p50_with_embed_ms:.2f}",
+            "" if r.p95_with_embed_ms is None else f"{r.p95_with_embed_ms:.2f}",
+        )
+    out.print(table)
+    ingest = result.as_json()["ingest"]
+    out.print(
+        f"ingest: {ingest['docs_per_s']} documents/s, {ingest['tokens_per_s']:,} tokens/s "
+        f"({ingest['ratio_to_raw_embedder']:.0%} of the raw embedder's "
+        f"{ingest['raw_embedder_tokens_per_s']:,} tokens/s); re-ingest: "
+        f"{ingest['reingest_new_chunks']} new chunks, "
+        f"{ingest['reingest_embedding_calls']} embedding calls"
+    )
+    out.print(f"fusion: {result.fusion}")
+    for fusion, ndcg in result.sweep:
+        out.print(f"  sweep {fusion} -> nDCG@10 {ndcg:.4f}")
+
+
 def main() -> None:
     try:
         app()

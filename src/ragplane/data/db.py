@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, LiteralString
 
 import psycopg
 import psycopg_pool
+from pgvector.psycopg import register_vector_async
 from psycopg import sql
 from psycopg.rows import DictRow, dict_row
 
@@ -30,10 +31,13 @@ __all__ = ["TENANT_ID_PATTERN", "Database", "Session", "TenantSession", "validat
 TENANT_ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]{2,62}$")
 
 Params = Sequence[Any] | dict[str, Any]
+Query = LiteralString | sql.SQL | sql.Composed
 
 _BEGIN = sql.SQL("BEGIN")
 # BEGIN and the transaction-local tenant setting in one round trip
 _BEGIN_TENANT = sql.SQL("BEGIN; SELECT set_config('app.tenant_id', {}, true)")
+_SET_LOCAL = sql.SQL("; SELECT set_config({}, {}, true)")
+_SETTING_NAME = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$")
 
 
 def validate_tenant_id(tenant_id: object) -> str:
@@ -56,15 +60,15 @@ class Session:
     def connection(self) -> psycopg.AsyncConnection[DictRow]:
         return self._conn
 
-    async def fetch_all(self, query: LiteralString, params: Params | None = None) -> list[DictRow]:
+    async def fetch_all(self, query: Query, params: Params | None = None) -> list[DictRow]:
         cur = await self._conn.execute(query, params)
         return await cur.fetchall()
 
-    async def fetch_one(self, query: LiteralString, params: Params | None = None) -> DictRow | None:
+    async def fetch_one(self, query: Query, params: Params | None = None) -> DictRow | None:
         cur = await self._conn.execute(query, params)
         return await cur.fetchone()
 
-    async def execute(self, query: LiteralString, params: Params | None = None) -> int:
+    async def execute(self, query: Query, params: Params | None = None) -> int:
         """Run a statement; return the number of rows it touched."""
         cur = await self._conn.execute(query, params)
         return cur.rowcount
@@ -76,6 +80,11 @@ class TenantSession(Session):
     def __init__(self, conn: psycopg.AsyncConnection[DictRow], tenant_id: str) -> None:
         super().__init__(conn)
         self.tenant_id = tenant_id
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    # pgvector's adapters: numpy arrays go to and come from `vector` columns in binary
+    await register_vector_async(conn)
 
 
 async def _reset(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -105,6 +114,7 @@ class Database:
                 max_size=max_size,
                 timeout=timeout_s,
                 open=False,
+                configure=_configure,
                 reset=_reset,
                 kwargs={
                     "row_factory": dict_row,
@@ -159,10 +169,20 @@ class Database:
             raise DatabaseUnavailable(f"{self.name} database unavailable: {exc}") from exc
 
     @asynccontextmanager
-    async def tenant(self, tenant_id: str) -> AsyncIterator[TenantSession]:
-        """A unit of work on one tenant's rows: a transaction with ``app.tenant_id`` set first."""
+    async def tenant(
+        self, tenant_id: str, *, settings: Mapping[str, str] | None = None
+    ) -> AsyncIterator[TenantSession]:
+        """A unit of work on one tenant's rows: a transaction with ``app.tenant_id`` set first.
+
+        ``settings`` are further transaction-local settings (e.g. ``hnsw.ef_search``), sent
+        in the same round trip; ``app.*`` names are refused there.
+        """
         validate_tenant_id(tenant_id)  # also what makes the literal below safe to inline
         begin = _BEGIN_TENANT.format(sql.Literal(tenant_id))
+        for name, value in (settings or {}).items():
+            if not _SETTING_NAME.fullmatch(name) or name.startswith("app."):
+                raise ValueError(f"not a setting a unit of work may change: {name!r}")
+            begin += _SET_LOCAL.format(sql.Literal(name), sql.Literal(value))
         async with self._transaction(begin) as conn:
             yield TenantSession(conn, tenant_id)
 

@@ -1,0 +1,345 @@
+"""Hybrid retrieval: pgvector HNSW + Postgres full text, fused, under row-level security.
+
+One unit of work per query (one round trip opens it with the tenant and the
+HNSW settings): the dense and lexical candidate lists come back with their
+chunks and documents in one statement, then they are fused here.
+
+Fusion is chosen by evaluation (``ragplane bench retrieval``), not by habit:
+
+- ``rrf``: weighted reciprocal rank fusion, ``w_d/(k + rank_d) + w_l/(k + rank_l)``;
+- ``blend``: score-normalised blend, ``w_d * dense' + w_l * lexical'`` where each
+  score is min-max normalised over its own candidate list (absent → 0).
+
+Each namespace may override the defaults (``control.kb_namespaces.retrieval``).
+Filtered ANN relies on pgvector's iterative index scans, so a tenant holding a
+small share of the rows still gets its top-k.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from psycopg import sql
+
+from ragplane.control.namespaces import NamespaceConfig
+from ragplane.data import Database
+from ragplane.errors import BadRequest, ModelMismatch
+from ragplane.knowledge.types import Embedder
+
+__all__ = [
+    "Candidates",
+    "ChunkHit",
+    "DocumentHit",
+    "FusionConfig",
+    "Retriever",
+    "SearchMode",
+    "SearchResult",
+    "fuse",
+    "lexical_query",
+]
+
+SearchMode = Literal["hybrid", "dense", "lexical"]
+_WORD = re.compile(r"[^\W_]+")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    method: Literal["rrf", "blend"] = "blend"
+    dense_weight: float = 0.7
+    lexical_weight: float = 0.3
+    rrf_k: int = 60
+    candidates: int = 100  # per retriever, before fusion
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> FusionConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown retrieval settings: {sorted(unknown)}")
+        return replace(cls(), **values)
+
+
+@dataclass(frozen=True)
+class ChunkHit:
+    chunk_id: str
+    document_id: str
+    source_uri: str
+    title: str
+    text: str
+    ordinal: int
+    heading_path: tuple[str, ...]
+    char_start: int
+    char_end: int
+    metadata: dict[str, Any]
+    score: float
+    dense_score: float | None  # cosine similarity
+    lexical_score: float | None  # ts_rank_cd
+    dense_rank: int | None
+    lexical_rank: int | None
+
+
+@dataclass(frozen=True)
+class DocumentHit:
+    """A document, scored by its best chunk (whose span is what a citation quotes)."""
+
+    document_id: str
+    source_uri: str
+    title: str
+    score: float
+    best: ChunkHit
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    query: str
+    namespace: str
+    mode: SearchMode
+    kb_version: int
+    embedding_model: str
+    chunks: list[ChunkHit]
+    documents: list[DocumentHit]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def lexical_query(text: str) -> str:
+    """A ``to_tsquery`` string matching any word of ``text`` (OR), safe to pass as a value.
+
+    ``websearch_to_tsquery`` ANDs every word, which a natural-language question
+    rarely satisfies; ranking sorts out documents that match more of them.
+    """
+    return " | ".join(dict.fromkeys(w.lower() for w in _WORD.findall(text)))
+
+
+def fuse(
+    rows: list[dict[str, Any]], config: FusionConfig, mode: SearchMode
+) -> list[tuple[float, dict[str, Any], int | None, int | None]]:
+    """(fused score, row, dense rank, lexical rank) for every candidate, best first."""
+    dense = sorted((r for r in rows if r["sim"] is not None), key=lambda r: -r["sim"])
+    lexical = sorted((r for r in rows if r["lex"] is not None), key=lambda r: -r["lex"])
+    d_rank = {r["id"]: i + 1 for i, r in enumerate(dense)}
+    l_rank = {r["id"]: i + 1 for i, r in enumerate(lexical)}
+    wd = config.dense_weight if mode != "lexical" else 0.0
+    wl = config.lexical_weight if mode != "dense" else 0.0
+    if mode != "hybrid":
+        wd, wl = (1.0, 0.0) if mode == "dense" else (0.0, 1.0)
+
+    def norm(values: list[float]) -> tuple[float, float]:
+        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+        return lo, (hi - lo) or 1.0
+
+    d_lo, d_span = norm([r["sim"] for r in dense])
+    l_lo, l_span = norm([r["lex"] for r in lexical])
+    scored = []
+    for r in rows:
+        dr, lr = d_rank.get(r["id"]), l_rank.get(r["id"])
+        if config.method == "rrf":
+            score = (wd / (config.rrf_k + dr) if dr else 0.0) + (
+                wl / (config.rrf_k + lr) if lr else 0.0
+            )
+        else:
+            score = (wd * (r["sim"] - d_lo) / d_span if dr else 0.0) + (
+                wl * (r["lex"] - l_lo) / l_span if lr else 0.0
+            )
+        if (mode == "dense" and dr is None) or (mode == "lexical" and lr is None):
+            continue
+        scored.append((score, r, dr, lr))
+    scored.sort(key=lambda t: (-t[0], str(t[1]["id"])))
+    return scored
+
+
+_SEARCH = """
+WITH dense AS MATERIALIZED (
+    SELECT c.id, 1 - (c.embedding::vector({dims}) <=> %(qv)s::vector({dims})) AS sim
+    FROM chunks c
+    WHERE c.embedding_model = %(model)s AND c.namespace = %(ns)s {filter}
+    ORDER BY c.embedding::vector({dims}) <=> %(qv)s::vector({dims})
+    LIMIT %(k_dense)s
+), lexical AS MATERIALIZED (
+    SELECT c.id, ts_rank_cd(c.tsv, q) AS lex
+    FROM chunks c, to_tsquery('english', %(tsq)s) AS q
+    WHERE c.tsv @@ q
+      AND c.embedding_model = %(model)s AND c.namespace = %(ns)s {filter}
+    ORDER BY lex DESC
+    LIMIT %(k_lexical)s
+), ids AS (
+    SELECT id FROM dense UNION SELECT id FROM lexical
+)
+SELECT c.id, c.document_id, d.source_uri, d.title, c.text, c.ordinal, c.heading_path,
+       c.char_start, c.char_end, c.metadata, dense.sim, lexical.lex
+FROM ids
+JOIN chunks c ON c.id = ids.id
+JOIN documents d ON d.tenant_id = c.tenant_id AND d.id = c.document_id
+LEFT JOIN dense ON dense.id = ids.id
+LEFT JOIN lexical ON lexical.id = ids.id
+"""
+
+
+class Retriever:
+    def __init__(
+        self,
+        db: Database,
+        embedder: Embedder,
+        *,
+        ef_search: int = 100,
+        max_scan_tuples: int = 20000,
+    ) -> None:
+        self._db = db
+        self._embedder = embedder
+        self._settings = {
+            "hnsw.ef_search": str(ef_search),
+            "hnsw.iterative_scan": "relaxed_order",
+            "hnsw.max_scan_tuples": str(max_scan_tuples),
+        }
+
+    async def embed_query(self, query: str) -> npt.NDArray[np.float32]:
+        vectors = await self._embedder.embed([query])
+        vector: npt.NDArray[np.float32] = vectors[0]
+        return vector
+
+    async def candidates(
+        self,
+        config: NamespaceConfig,
+        query: str,
+        *,
+        k: int,
+        filters: Mapping[str, Any] | None = None,
+        mode: SearchMode = "hybrid",
+        query_vector: npt.NDArray[np.float32] | None = None,
+    ) -> Candidates:
+        """Up to ``k`` dense and ``k`` lexical candidate chunks, unfused."""
+        if not query.strip():
+            raise BadRequest("the query is empty", code="empty_query")
+        if config.embedding_model != self._embedder.model_id:
+            raise ModelMismatch(
+                f"namespace {config.name!r} is pinned to {config.embedding_model!r}; "
+                f"this retriever embeds queries with {self._embedder.model_id!r}"
+            )
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if query_vector is None and mode != "lexical":
+            query_vector = await self.embed_query(query)
+        timings["embed"] = (time.perf_counter() - t0) * 1000
+        t1 = time.perf_counter()
+        tsq = lexical_query(query)
+        statement = sql.SQL(_SEARCH).format(
+            dims=sql.Literal(self._embedder.dimensions),
+            filter=sql.SQL("AND c.metadata @> %(filters)s::jsonb" if filters else ""),
+        )
+        params: dict[str, Any] = {
+            "qv": query_vector if query_vector is not None else _zero(self._embedder),
+            "model": self._embedder.model_id,
+            "ns": config.name,
+            "k_dense": k if mode != "lexical" else 0,
+            "k_lexical": k if mode != "dense" and tsq else 0,
+            "tsq": tsq or "none",
+            "filters": _json(filters),
+        }
+        async with self._db.tenant(config.tenant_id, settings=self._settings) as s:
+            state = await s.fetch_one(
+                "SELECT kb_version, active_model FROM kb_state WHERE namespace = %s",
+                (config.name,),
+            )
+            if state is not None and state["active_model"] != self._embedder.model_id:
+                raise ModelMismatch(
+                    f"namespace {config.name!r} is answered with {state['active_model']!r}, "
+                    f"not {self._embedder.model_id!r}"
+                )
+            rows = await s.fetch_all(statement, params)
+        timings["retrieve"] = (time.perf_counter() - t1) * 1000
+        return Candidates(rows, int(state["kb_version"]) if state else 0, timings)
+
+    async def search(
+        self,
+        config: NamespaceConfig,
+        query: str,
+        *,
+        top_k: int = 10,
+        filters: Mapping[str, Any] | None = None,
+        mode: SearchMode = "hybrid",
+        fusion: FusionConfig | None = None,
+        query_vector: npt.NDArray[np.float32] | None = None,
+    ) -> SearchResult:
+        """The top ``top_k`` chunks and documents of one namespace for ``query``."""
+        if not 1 <= top_k <= 100:
+            raise BadRequest("top_k must be between 1 and 100", code="invalid_top_k")
+        fusion = fusion or FusionConfig.from_mapping(config.retrieval)
+        found = await self.candidates(
+            config,
+            query,
+            k=max(fusion.candidates, top_k * 5),
+            filters=filters,
+            mode=mode,
+            query_vector=query_vector,
+        )
+        return self.rank(config, query, found, fusion=fusion, mode=mode, top_k=top_k)
+
+    def rank(
+        self,
+        config: NamespaceConfig,
+        query: str,
+        found: Candidates,
+        *,
+        fusion: FusionConfig,
+        mode: SearchMode,
+        top_k: int,
+    ) -> SearchResult:
+        """Fuse candidates and aggregate them by document (best chunk per document)."""
+        chunks = [_hit(score, r, dr, lr) for score, r, dr, lr in fuse(found.rows, fusion, mode)]
+        documents: dict[str, DocumentHit] = {}
+        for hit in chunks:
+            if hit.document_id not in documents:
+                documents[hit.document_id] = DocumentHit(
+                    hit.document_id, hit.source_uri, hit.title, hit.score, hit
+                )
+        return SearchResult(
+            query=query,
+            namespace=config.name,
+            mode=mode,
+            kb_version=found.kb_version,
+            embedding_model=self._embedder.model_id,
+            chunks=chunks[:top_k],
+            documents=list(documents.values())[:top_k],
+            timings_ms=dict(found.timings_ms),
+        )
+
+
+@dataclass(frozen=True)
+class Candidates:
+    rows: list[dict[str, Any]]
+    kb_version: int
+    timings_ms: dict[str, float]
+
+
+def _zero(embedder: Embedder) -> npt.NDArray[np.float32]:
+    return np.zeros(embedder.dimensions, dtype=np.float32)
+
+
+def _hit(score: float, r: dict[str, Any], dr: int | None, lr: int | None) -> ChunkHit:
+    return ChunkHit(
+        chunk_id=str(r["id"]),
+        document_id=str(r["document_id"]),
+        source_uri=r["source_uri"],
+        title=r["title"],
+        text=r["text"],
+        ordinal=r["ordinal"],
+        heading_path=tuple(r["heading_path"]),
+        char_start=r["char_start"],
+        char_end=r["char_end"],
+        metadata=dict(r["metadata"]),
+        score=score,
+        dense_score=float(r["sim"]) if r["sim"] is not None else None,
+        lexical_score=float(r["lex"]) if r["lex"] is not None else None,
+        dense_rank=dr,
+        lexical_rank=lr,
+    )
+
+
+def _json(values: Mapping[str, Any] | None) -> str | None:
+    return json.dumps(dict(values)) if values else None
