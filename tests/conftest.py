@@ -27,7 +27,16 @@ from ragplane.control.tenants import add_tenant
 from ragplane.data import Database, DatabaseUrls, EmbeddedPostgres
 from ragplane.platform import create_app
 
-TENANT_TABLES = ("kb_state", "documents", "chunks", "chat_sessions", "chat_messages", "request_log")
+TENANT_TABLES = (
+    "kb_state",
+    "documents",
+    "chunks",
+    "kb_terms",
+    "kb_text_stats",
+    "chat_sessions",
+    "chat_messages",
+    "request_log",
+)
 TEST_TENANTS = {
     "tnt_alpha": "eu",
     "tnt_beta": "eu",

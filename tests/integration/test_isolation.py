@@ -57,6 +57,8 @@ CONTROL_PLANE_TABLES = frozenset({"control.api_keys", "control.kb_namespaces"})
 # added here (and to TENANT_TABLES in conftest, so clean_db truncates it).
 TABLE_SHAPES: dict[str, tuple[str, str]] = {
     "public.kb_state": ("namespace", "active_model"),
+    "public.kb_terms": ("lexeme", "namespace"),
+    "public.kb_text_stats": ("namespace", "embedding_model"),
     "public.documents": ("id", "title"),
     "public.chunks": ("id", "text"),
     "public.chat_sessions": ("id", "subject"),
@@ -293,6 +295,20 @@ def insert_statement(
             "INSERT INTO kb_state (tenant_id, namespace, active_model, kb_version) "
             "VALUES (%s, %s, %s, %s) RETURNING namespace",
             (tenant, f"{tenant}-ns-{n}", marker, n),
+            marker,
+        )
+    if table == "public.kb_terms":
+        return (
+            "INSERT INTO kb_terms (tenant_id, namespace, embedding_model, lexeme, df) "
+            "VALUES (%s, %s, 'test-3d', %s, %s) RETURNING lexeme",
+            (tenant, marker, f"{tenant}-lex-{n}", n + 1),
+            marker,
+        )
+    if table == "public.kb_text_stats":
+        return (
+            "INSERT INTO kb_text_stats (tenant_id, namespace, embedding_model, chunks, "
+            "tsv_length_total) VALUES (%s, %s, %s, %s, %s) RETURNING namespace",
+            (tenant, f"{tenant}-stats-{n}", marker, n + 1, 10 * n),
             marker,
         )
     if table == "public.chunks":

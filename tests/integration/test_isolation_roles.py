@@ -519,6 +519,16 @@ PK_PROBES: dict[str, tuple[str, Any]] = {
         "VALUES (%(tenant)s, %(pk)s, 'probe')",
         lambda: f"ns-probe-{uuid.uuid4().hex}",
     ),
+    "public.kb_terms": (
+        "INSERT INTO kb_terms (tenant_id, namespace, embedding_model, lexeme, df) "
+        "VALUES (%(tenant)s, 'probe', 'test-3d', %(pk)s, 1)",
+        lambda: f"lex-probe-{uuid.uuid4().hex}",
+    ),
+    "public.kb_text_stats": (
+        "INSERT INTO kb_text_stats (tenant_id, namespace, embedding_model, chunks, "
+        "tsv_length_total) VALUES (%(tenant)s, %(pk)s, 'test-3d', 1, 1)",
+        lambda: f"ns-probe-{uuid.uuid4().hex}",
+    ),
     "public.chunks": (
         "INSERT INTO chunks (id, tenant_id, document_id, namespace, ordinal, text, "
         "embedding_model) VALUES (%(pk)s, %(tenant)s, %(parent)s, 'default', 1000 + %(i)s, "

@@ -230,3 +230,44 @@ async def test_chunking_policy_is_per_namespace(
         a = await ingestor.ingest(small, docs(refund=REFUND))
         b = await ingestor.ingest(big, docs(refund=REFUND))
     assert a.chunks_written > b.chunks_written
+
+
+async def _stats_are_exact(db: Database, tenant: str) -> None:
+    """kb_terms / kb_text_stats equal what the chunks say, recomputed from scratch."""
+    async with db.tenant(tenant) as s:
+        kept = await s.fetch_all(
+            "SELECT namespace, embedding_model, lexeme, df FROM kb_terms ORDER BY 1, 2, 3"
+        )
+        truth = await s.fetch_all(
+            "SELECT namespace, embedding_model, u.lexeme, count(*) AS df "
+            "FROM chunks, unnest(tsv) AS u GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+        )
+        kept_totals = await s.fetch_all(
+            "SELECT namespace, embedding_model, chunks, tsv_length_total FROM kb_text_stats "
+            "WHERE chunks > 0 ORDER BY 1, 2"
+        )
+        true_totals = await s.fetch_all(
+            "SELECT namespace, embedding_model, count(*) AS chunks, "
+            "sum(tsv_length) AS tsv_length_total FROM chunks WHERE tsv <> '' "
+            "GROUP BY 1, 2 ORDER BY 1, 2"
+        )
+    assert kept == truth
+    assert kept_totals == true_totals
+
+
+async def test_bm25_statistics_stay_exact_through_every_change(kb: Kb) -> None:
+    await kb.ingestor.ingest(kb.config, docs(refund=REFUND, shipping=SHIPPING, security=SECURITY))
+    await _stats_are_exact(kb.db, "tnt_alpha")
+    changed = SHIPPING.replace(b"Rotterdam", b"Antwerp")
+    await kb.ingestor.ingest(
+        kb.config, docs(refund=REFUND, shipping=changed), prune_prefix="kb://docs/"
+    )
+    await _stats_are_exact(kb.db, "tnt_alpha")
+    result = await kb.retriever.search(kb.config, "refund")
+    assert await kb.ingestor.delete_document(kb.config, result.documents[0].document_id)
+    await _stats_are_exact(kb.db, "tnt_alpha")
+    async with kb.db.tenant("tnt_alpha") as s:
+        row = await s.fetch_one("SELECT count(*) AS n FROM kb_terms WHERE lexeme = 'rotterdam'")
+        assert row == {"n": 0}
+        row = await s.fetch_one("SELECT df FROM kb_terms WHERE lexeme = 'antwerp'")
+        assert row == {"df": 1}

@@ -265,14 +265,19 @@ class Ingestor:
             return
         await s.execute(
             "INSERT INTO chunks (tenant_id, document_id, namespace, embedding_model, ordinal, "
-            "text, heading_path, char_start, char_end, token_count, embedding, tsv, metadata) "
+            "text, heading_path, char_start, char_end, token_count, embedding, tsv, tsv_length, "
+            "metadata) "
             "SELECT %(tenant)s, %(doc)s, %(ns)s, %(model)s, u.ordinal, u.text, "
-            "string_to_array(u.hp, E'\\x1f'), u.cs, u.ce, u.tc, u.emb, "
-            "setweight(to_tsvector('english', %(title)s || ' ' || replace(u.hp, E'\\x1f', ' ')), "
-            "'A') || setweight(to_tsvector('english', u.text), 'B'), %(meta)s::jsonb "
+            "string_to_array(u.hp, E'\\x1f'), u.cs, u.ce, u.tc, u.emb, v.tsv, l.n, "
+            "%(meta)s::jsonb "
             "FROM unnest(%(ord)s::int[], %(text)s::text[], %(hp)s::text[], %(cs)s::int[], "
             "%(ce)s::int[], %(tc)s::int[], %(emb)s::vector[]) AS u(ordinal, text, hp, cs, ce, "
-            "tc, emb)",
+            "tc, emb), "
+            "LATERAL (SELECT setweight(to_tsvector('english', %(title)s || ' ' || "
+            "replace(u.hp, E'\\x1f', ' ')), 'A') || setweight(to_tsvector('english', u.text), "
+            "'B') AS tsv) AS v, "
+            "LATERAL (SELECT coalesce(sum(array_length(x.positions, 1)), 0)::int AS n "
+            "FROM unnest(v.tsv) AS x) AS l",
             {
                 "tenant": config.tenant_id,
                 "doc": doc_id,
@@ -294,10 +299,17 @@ class Ingestor:
         self, config: NamespaceConfig, prefix: str, seen: set[str], report: IngestReport
     ) -> None:
         async with self._db.tenant(config.tenant_id) as s:
+            params = (config.name, prefix, list(seen))
+            # chunks first, in this unit of work, so the BM25 statistics triggers see them
+            await s.execute(
+                "DELETE FROM chunks WHERE document_id IN (SELECT id FROM documents WHERE "
+                "namespace = %s AND starts_with(source_uri, %s) AND NOT (source_uri = ANY(%s)))",
+                params,
+            )
             deleted = await s.execute(
                 "DELETE FROM documents WHERE namespace = %s AND starts_with(source_uri, %s) "
                 "AND NOT (source_uri = ANY(%s))",
-                (config.name, prefix, list(seen)),
+                params,
             )
             if deleted:
                 report.deleted += deleted
@@ -310,6 +322,10 @@ class Ingestor:
         except ValueError:
             return False
         async with self._db.tenant(config.tenant_id) as s:
+            await s.execute(
+                "DELETE FROM chunks WHERE document_id = %s AND namespace = %s",
+                (doc_uuid, config.name),
+            )
             deleted = await s.execute(
                 "DELETE FROM documents WHERE namespace = %s AND id = %s",
                 (config.name, doc_uuid),

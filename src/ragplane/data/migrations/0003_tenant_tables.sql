@@ -67,6 +67,7 @@ CREATE TABLE chunks (
     token_count      integer NOT NULL DEFAULT 0,
     embedding        vector,
     tsv              tsvector NOT NULL DEFAULT ''::tsvector,
+    tsv_length       integer NOT NULL DEFAULT 0,  -- lexeme occurrences: BM25's document length
     metadata         jsonb NOT NULL DEFAULT '{}',
     PRIMARY KEY (tenant_id, id),
     UNIQUE (tenant_id, document_id, embedding_model, ordinal),
@@ -78,6 +79,74 @@ CREATE INDEX chunks_tsv_idx ON chunks USING gin (tsv);
 CREATE INDEX chunks_embedding_all_minilm_l6_v2_idx ON chunks
     USING hnsw ((embedding::vector(384)) vector_cosine_ops)
     WHERE embedding_model = 'all-minilm-l6-v2';
+
+-- BM25 statistics for the lexical retriever, per (namespace, model) chunk set:
+-- how many chunks contain each lexeme, and how many chunks with any lexeme
+-- there are and how many lexeme occurrences they hold. Kept exact by statement triggers on chunks, in the
+-- same transaction as the change. Delete chunks explicitly before their
+-- document: a cascaded delete runs as the table owner, whom RLS on these
+-- tables does not let through.
+CREATE TABLE kb_terms (
+    tenant_id        text NOT NULL REFERENCES control.tenants (id),
+    namespace        text NOT NULL,
+    embedding_model  text NOT NULL,
+    lexeme           text NOT NULL,
+    df               bigint NOT NULL,
+    PRIMARY KEY (tenant_id, namespace, embedding_model, lexeme)
+);
+
+CREATE TABLE kb_text_stats (
+    tenant_id        text NOT NULL REFERENCES control.tenants (id),
+    namespace        text NOT NULL,
+    embedding_model  text NOT NULL,
+    chunks           bigint NOT NULL,
+    tsv_length_total bigint NOT NULL,
+    PRIMARY KEY (tenant_id, namespace, embedding_model)
+);
+
+CREATE FUNCTION ragplane_meta.kb_terms_add() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO kb_terms AS t (tenant_id, namespace, embedding_model, lexeme, df)
+    SELECT n.tenant_id, n.namespace, n.embedding_model, u.lexeme, count(*)
+    FROM new_chunks n, unnest(n.tsv) AS u
+    GROUP BY 1, 2, 3, 4
+    ON CONFLICT (tenant_id, namespace, embedding_model, lexeme)
+    DO UPDATE SET df = t.df + EXCLUDED.df;
+    INSERT INTO kb_text_stats AS s (tenant_id, namespace, embedding_model, chunks, tsv_length_total)
+    SELECT tenant_id, namespace, embedding_model, count(*), sum(tsv_length)
+    FROM new_chunks WHERE tsv <> '' GROUP BY 1, 2, 3
+    ON CONFLICT (tenant_id, namespace, embedding_model)
+    DO UPDATE SET chunks = s.chunks + EXCLUDED.chunks,
+                  tsv_length_total = s.tsv_length_total + EXCLUDED.tsv_length_total;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION ragplane_meta.kb_terms_remove() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE kb_terms AS t SET df = t.df - o.n
+    FROM (SELECT tenant_id, namespace, embedding_model, u.lexeme, count(*) AS n
+          FROM old_chunks, unnest(old_chunks.tsv) AS u GROUP BY 1, 2, 3, 4) AS o
+    WHERE t.tenant_id = o.tenant_id AND t.namespace = o.namespace
+      AND t.embedding_model = o.embedding_model AND t.lexeme = o.lexeme;
+    DELETE FROM kb_terms WHERE df <= 0;
+    UPDATE kb_text_stats AS s SET chunks = s.chunks - o.n, tsv_length_total = s.tsv_length_total - o.len
+    FROM (SELECT tenant_id, namespace, embedding_model, count(*) AS n, sum(tsv_length) AS len
+          FROM old_chunks WHERE tsv <> '' GROUP BY 1, 2, 3) AS o
+    WHERE s.tenant_id = o.tenant_id AND s.namespace = o.namespace
+      AND s.embedding_model = o.embedding_model;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER chunks_terms_add AFTER INSERT ON chunks
+    REFERENCING NEW TABLE AS new_chunks FOR EACH STATEMENT
+    EXECUTE FUNCTION ragplane_meta.kb_terms_add();
+CREATE TRIGGER chunks_terms_remove AFTER DELETE ON chunks
+    REFERENCING OLD TABLE AS old_chunks FOR EACH STATEMENT
+    EXECUTE FUNCTION ragplane_meta.kb_terms_remove();
 
 CREATE TABLE chat_sessions (
     id          uuid NOT NULL DEFAULT gen_random_uuid(),
@@ -112,4 +181,5 @@ CREATE TABLE request_log (
 CREATE INDEX request_log_tenant_created_idx ON request_log (tenant_id, created_at);
 
 SELECT ragplane_meta.enable_tenant_rls(t)
-FROM unnest(ARRAY['kb_state', 'documents', 'chunks', 'chat_sessions', 'chat_messages', 'request_log']::regclass[]) AS t;
+FROM unnest(ARRAY['kb_state', 'documents', 'chunks', 'kb_terms', 'kb_text_stats', 'chat_sessions',
+             'chat_messages', 'request_log']::regclass[]) AS t;
