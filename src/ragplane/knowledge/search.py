@@ -18,7 +18,6 @@ small share of the rows still gets its top-k.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -42,11 +41,9 @@ __all__ = [
     "SearchMode",
     "SearchResult",
     "fuse",
-    "lexical_query",
 ]
 
 SearchMode = Literal["hybrid", "dense", "lexical"]
-_WORD = re.compile(r"[^\W_]+")
 
 
 @dataclass(frozen=True)
@@ -56,6 +53,10 @@ class FusionConfig:
     lexical_weight: float = 0.3
     rrf_k: int = 60
     candidates: int = 100  # per retriever, before fusion
+    bm25_k1: float = 1.2
+    bm25_b: float = 0.75
+    title_boost: float = 1.0  # extra term frequency for a term in the title or headings
+    max_df: float = 0.25  # terms in more chunks than this share do not select candidates
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> FusionConfig:
@@ -108,15 +109,6 @@ class SearchResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-def lexical_query(text: str) -> str:
-    """A ``to_tsquery`` string matching any word of ``text`` (OR), safe to pass as a value.
-
-    ``websearch_to_tsquery`` ANDs every word, which a natural-language question
-    rarely satisfies; ranking sorts out documents that match more of them.
-    """
-    return " | ".join(dict.fromkeys(w.lower() for w in _WORD.findall(text)))
-
-
 def fuse(
     rows: list[dict[str, Any]], config: FusionConfig, mode: SearchMode
 ) -> list[tuple[float, dict[str, Any], int | None, int | None]]:
@@ -161,11 +153,41 @@ WITH dense AS MATERIALIZED (
     WHERE c.embedding_model = %(model)s AND c.namespace = %(ns)s {filter}
     ORDER BY c.embedding::vector({dims}) <=> %(qv)s::vector({dims})
     LIMIT %(k_dense)s
+), stats AS MATERIALIZED (
+    SELECT chunks::float8 AS n, tsv_length_total::float8 / greatest(chunks, 1) AS avgdl
+    FROM kb_text_stats WHERE namespace = %(ns)s AND embedding_model = %(model)s
+), terms AS MATERIALIZED (
+    SELECT t.lexeme, t.df, ln(1 + (stats.n - t.df + 0.5) / (t.df + 0.5)) AS idf
+    FROM (SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', %(q)s))) AS ql
+    JOIN kb_terms t ON t.lexeme = ql.lexeme
+    CROSS JOIN stats
+    WHERE %(k_lexical)s > 0 AND t.namespace = %(ns)s AND t.embedding_model = %(model)s
+), probe AS MATERIALIZED (
+    -- candidates come from the query's rarer terms (all of them when it has none);
+    -- every term scores them
+    SELECT coalesce(
+        string_agg(quote_literal(terms.lexeme), ' | ')
+            FILTER (WHERE terms.df <= greatest(%(max_df)s * stats.n, 100)),
+        string_agg(quote_literal(terms.lexeme), ' | ')
+    )::tsquery AS q
+    FROM terms, stats
 ), lexical AS MATERIALIZED (
-    SELECT c.id, ts_rank_cd(c.tsv, q) AS lex
-    FROM chunks c, to_tsquery('english', %(tsq)s) AS q
-    WHERE c.tsv @@ q
-      AND c.embedding_model = %(model)s AND c.namespace = %(ns)s {filter}
+    SELECT c.id, sum(
+        terms.idf * tf.n * (%(k1)s + 1)
+        / (tf.n + %(k1)s * (1 - %(b)s + %(b)s * c.tsv_length / stats.avgdl))
+    ) AS lex
+    FROM probe, stats, chunks c,
+         LATERAL (
+             SELECT u.lexeme,
+                    array_length(u.positions, 1)
+                    + %(title_boost)s
+                    * coalesce(array_length(array_positions(u.weights, 'A'), 1), 0)
+                    AS n
+             FROM unnest(c.tsv) AS u
+         ) AS tf
+    JOIN terms ON terms.lexeme = tf.lexeme
+    WHERE c.tsv @@ probe.q AND c.embedding_model = %(model)s AND c.namespace = %(ns)s {filter}
+    GROUP BY c.id
     ORDER BY lex DESC
     LIMIT %(k_lexical)s
 ), ids AS (
@@ -212,8 +234,10 @@ class Retriever:
         filters: Mapping[str, Any] | None = None,
         mode: SearchMode = "hybrid",
         query_vector: npt.NDArray[np.float32] | None = None,
+        fusion: FusionConfig | None = None,
     ) -> Candidates:
-        """Up to ``k`` dense and ``k`` lexical candidate chunks, unfused."""
+        """Up to ``k`` dense and ``k`` lexical (BM25) candidate chunks, unfused."""
+        fusion = fusion or FusionConfig.from_mapping(config.retrieval)
         if not query.strip():
             raise BadRequest("the query is empty", code="empty_query")
         if config.embedding_model != self._embedder.model_id:
@@ -227,7 +251,6 @@ class Retriever:
             query_vector = await self.embed_query(query)
         timings["embed"] = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
-        tsq = lexical_query(query)
         statement = sql.SQL(_SEARCH).format(
             dims=sql.Literal(self._embedder.dimensions),
             filter=sql.SQL("AND c.metadata @> %(filters)s::jsonb" if filters else ""),
@@ -237,8 +260,12 @@ class Retriever:
             "model": self._embedder.model_id,
             "ns": config.name,
             "k_dense": k if mode != "lexical" else 0,
-            "k_lexical": k if mode != "dense" and tsq else 0,
-            "tsq": tsq or "none",
+            "k_lexical": k if mode != "dense" else 0,
+            "q": query,
+            "k1": fusion.bm25_k1,
+            "b": fusion.bm25_b,
+            "title_boost": fusion.title_boost,
+            "max_df": fusion.max_df,
             "filters": _json(filters),
         }
         async with self._db.tenant(config.tenant_id, settings=self._settings) as s:
@@ -277,6 +304,7 @@ class Retriever:
             filters=filters,
             mode=mode,
             query_vector=query_vector,
+            fusion=fusion,
         )
         return self.rank(config, query, found, fusion=fusion, mode=mode, top_k=top_k)
 
