@@ -36,6 +36,15 @@ TENANT_TABLES = (
     "chat_sessions",
     "chat_messages",
     "request_log",
+    "ingest_jobs",
+    "ingest_uploads",
+)
+# procrastinate's tables (not tenant tables: no tenant_id; job arguments are ids only)
+QUEUE_TABLES = (
+    "procrastinate.procrastinate_jobs",
+    "procrastinate.procrastinate_events",
+    "procrastinate.procrastinate_periodic_defers",
+    "procrastinate.procrastinate_workers",
 )
 TEST_TENANTS = {
     "tnt_alpha": "eu",
@@ -111,6 +120,7 @@ def pg() -> Iterator[PgCluster]:
 def clean_db(pg: PgCluster) -> PgCluster:
     with psycopg.connect(pg.owner, autocommit=True) as conn:
         conn.execute("TRUNCATE " + ", ".join(TENANT_TABLES) + " CASCADE")
+        conn.execute("TRUNCATE " + ", ".join(QUEUE_TABLES) + " CASCADE")
         conn.execute("DELETE FROM control.api_keys")
     return pg
 
@@ -158,4 +168,12 @@ async def dev_client(pg: PgCluster, tmp_path: Path) -> AsyncIterator[httpx.Async
         yield client
 
 
-__all__ = ["TENANT_TABLES", "TEST_TENANTS", "PgCluster", "add_tenant", "make_settings", "running"]
+__all__ = [
+    "QUEUE_TABLES",
+    "TENANT_TABLES",
+    "TEST_TENANTS",
+    "PgCluster",
+    "add_tenant",
+    "make_settings",
+    "running",
+]

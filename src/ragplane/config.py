@@ -43,8 +43,10 @@ __all__ = [
     "AuthSettings",
     "DatabaseSettings",
     "EdgeSettings",
+    "KnowledgeSettings",
     "Region",
     "Settings",
+    "WorkerSettings",
     "is_loopback_host",
     "load_settings",
 ]
@@ -99,6 +101,60 @@ class EdgeSettings(_Frozen):
     tenant_cache_s: float = Field(default=5.0, ge=0)
 
 
+MIB = 1024 * 1024
+
+
+class KnowledgeSettings(_Frozen):
+    """Knowledge-base ingestion."""
+
+    max_upload_bytes: int = Field(
+        default=20 * MIB,
+        ge=1,
+        description="Per file: a larger file is refused as that document's error (too_large).",
+    )
+    max_request_bytes: int = Field(
+        default=50 * MIB, ge=1, description="Per POST /v1/documents request: larger is a 413."
+    )
+    max_documents_per_request: int = Field(default=1000, ge=1)
+    preload_embedder: bool = Field(
+        default=False,
+        description="Load the embedding model when the API starts (the worker always does).",
+    )
+
+
+class WorkerSettings(_Frozen):
+    """``ragplane worker``: background ingestion jobs on the queue in Postgres."""
+
+    concurrency: int = Field(default=1, ge=1, le=64, description="Jobs run at once.")
+    batch_documents: int = Field(
+        default=64, ge=1, description="Documents embedded and committed together."
+    )
+    max_attempts: int = Field(
+        default=5, ge=1, description="Runs of one job (crashes and retries) before it fails."
+    )
+    retry_wait_s: int = Field(default=5, ge=0, description="Wait before retrying a job.")
+    heartbeat_s: float = Field(default=10.0, gt=0)
+    stalled_after_s: float = Field(
+        default=30.0, gt=0, description="A worker this long without a heartbeat is dead."
+    )
+    stalled_check_s: float = Field(default=15.0, gt=0)
+    poll_s: float = Field(default=5.0, gt=0, description="Queue poll besides LISTEN/NOTIFY.")
+    shutdown_grace_s: float = Field(
+        default=60.0, ge=0, description="On SIGTERM, how long running jobs may finish."
+    )
+
+    @field_validator("stalled_after_s")
+    @classmethod
+    def _longer_than_heartbeats(cls, stalled: float, info: ValidationInfo) -> float:
+        heartbeat = info.data.get("heartbeat_s")
+        if heartbeat is not None and stalled < 2 * heartbeat:
+            raise ValueError(
+                f"must be at least twice worker.heartbeat_s ({heartbeat:g}), or live workers "
+                "would be taken for dead"
+            )
+        return stalled
+
+
 def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
@@ -147,6 +203,8 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     auth: AuthSettings = AuthSettings()
     edge: EdgeSettings = EdgeSettings()
+    knowledge: KnowledgeSettings = KnowledgeSettings()
+    worker: WorkerSettings = WorkerSettings()
 
     @field_validator("host")
     @classmethod

@@ -21,7 +21,10 @@ so callers, handlers and (later) retries and breakers look only at this tree::
         ├── BadRequest          400
         ├── Unauthorized        401 (credentials missing or not valid)
         ├── Forbidden           403 (valid credentials, not allowed)
-        └── NotFound            404
+        ├── NotFound            404
+        ├── LengthRequired      411 (an upload without Content-Length)
+        ├── PayloadTooLarge     413
+        └── UnsupportedMediaType 415
 
 ``ApiError`` subclasses are what the edge turns into the JSON error body
 ``{"error": {"code", "message", "request_id"}}``.
@@ -40,14 +43,17 @@ __all__ = [
     "Forbidden",
     "IngestError",
     "KnowledgeError",
+    "LengthRequired",
     "MigrationError",
     "ModelMismatch",
     "NotFound",
+    "PayloadTooLarge",
     "RagplaneError",
     "TenantExists",
     "TenantNotFound",
     "TenantScopeError",
     "Unauthorized",
+    "UnsupportedMediaType",
 ]
 
 
@@ -154,3 +160,18 @@ class Forbidden(ApiError):
 class NotFound(ApiError):
     status_code = 404
     code = "not_found"
+
+
+class LengthRequired(ApiError):
+    status_code = 411
+    code = "length_required"
+
+
+class PayloadTooLarge(ApiError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status_code = 415
+    code = "unsupported_media_type"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 import httpx
@@ -35,6 +36,12 @@ from ragplane.edge.tenancy import Edge
 from ragplane.errors import ConfigError
 from ragplane.observe.logging import get_logger
 from ragplane.service.api import router as platform_router
+from ragplane.service.documents import router as documents_router
+
+if TYPE_CHECKING:
+    from ragplane.knowledge.embedder import LocalEmbedder
+    from ragplane.knowledge.ingest import Ingestor
+    from ragplane.knowledge.jobs import IngestQueue
 
 __all__ = ["DEMO_TENANTS", "Platform", "create_app", "database_urls"]
 
@@ -76,6 +83,9 @@ class Platform:
         self.db: Database | None = None
         self.dev_keys: DevKeys | None = None
         self.edge: Edge | None = None
+        self.embedder: LocalEmbedder | None = None
+        self.ingestor: Ingestor | None = None
+        self.ingest_queue: IngestQueue | None = None
         self._http: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
@@ -99,6 +109,73 @@ class Platform:
             authenticator=Authenticator(self._verifier(), self.db),
             registry=TenantRegistry(self.db, ttl_s=s.edge.tenant_cache_s),
             dev_mode=s.dev_mode,
+        )
+        await self._start_knowledge()
+
+    async def _start_knowledge(self) -> None:
+        """The embedder, the ingestor and the ingest queue.
+
+        The embedding model (all-MiniLM-L6-v2, ONNX) takes about 1.5 s to load cold (0.2 s
+        warm) and the API does not embed on its request path yet, so the API loads it on
+        first use (``knowledge.preload_embedder`` loads it here instead); the worker loads
+        it before taking jobs. Importing onnxruntime and procrastinate (about 1 s the first
+        time in a process) happens in a thread, off the event loop.
+        """
+        assert self.urls is not None
+        assert self.db is not None
+        s = self.settings
+        app_url = self.urls.app
+
+        def build() -> tuple[LocalEmbedder, IngestQueue]:
+            from ragplane.data.queue import create_queue
+            from ragplane.knowledge.embedder import LocalEmbedder
+            from ragplane.knowledge.jobs import IngestQueue
+
+            embedder = LocalEmbedder()
+            if s.knowledge.preload_embedder:
+                embedder.load()
+            queue = IngestQueue(
+                create_queue(
+                    app_url,
+                    pool_max_size=max(2, s.worker.concurrency + 1),
+                    connect_timeout_s=s.database.connect_timeout_s,
+                ),
+                max_attempts=s.worker.max_attempts,
+                retry_wait_s=s.worker.retry_wait_s,
+            )
+            return embedder, queue
+
+        from ragplane.knowledge.ingest import Ingestor
+
+        embedder, self.ingest_queue = await anyio.to_thread.run_sync(build)
+        self.embedder = embedder
+        self.ingestor = Ingestor(self.db, embedder, batch_documents=s.worker.batch_documents)
+
+    async def run_worker(self, *, install_signal_handlers: bool = True, wait: bool = True) -> None:
+        """Run background jobs until SIGINT/SIGTERM (the platform must be started); with
+        ``wait`` false, until the queue has no job left that it can take."""
+        from ragplane.data.queue import run_worker
+        from ragplane.knowledge.jobrunner import IngestRunner
+        from ragplane.knowledge.jobs import RUNNER_KEY
+
+        assert self.db is not None
+        assert self.embedder is not None
+        assert self.ingestor is not None
+        assert self.ingest_queue is not None
+        await anyio.to_thread.run_sync(self.embedder.load)  # pay the model load before jobs
+        runner = IngestRunner(
+            self.db,
+            self.ingestor,
+            max_upload_bytes=self.settings.knowledge.max_upload_bytes,
+            max_attempts=self.settings.worker.max_attempts,
+        )
+        log.info("worker_starting", concurrency=self.settings.worker.concurrency)
+        await run_worker(
+            self.ingest_queue.app,
+            self.settings.worker,
+            context={RUNNER_KEY: runner},
+            install_signal_handlers=install_signal_handlers,
+            wait=wait,
         )
 
     def _verifier(self) -> JwtVerifier:
@@ -183,4 +260,5 @@ def create_app(settings: Settings, *, platform: Platform | None = None) -> FastA
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, trusted_proxies=settings.edge.trusted_proxies)
     app.include_router(platform_router)
+    app.include_router(documents_router)
     return app

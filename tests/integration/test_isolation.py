@@ -64,6 +64,8 @@ TABLE_SHAPES: dict[str, tuple[str, str]] = {
     "public.chat_sessions": ("id", "subject"),
     "public.chat_messages": ("id", "content"),
     "public.request_log": ("request_id", "route"),
+    "public.ingest_jobs": ("id", "namespace"),
+    "public.ingest_uploads": ("id", "source_uri"),
 }
 
 # Forged tenant contexts. Malformed ones are refused by Database.tenant
@@ -338,6 +340,20 @@ def insert_statement(
             "INSERT INTO request_log (request_id, tenant_id, route, status, latency_ms) "
             "VALUES (%s, %s, %s, %s, %s) RETURNING request_id",
             (f"req_{tenant}_{n:04d}", tenant, marker, 200 + n % 3, 1.5 * n),
+            marker,
+        )
+    if table == "public.ingest_jobs":
+        return (
+            "INSERT INTO ingest_jobs (tenant_id, namespace, documents_total) "
+            "VALUES (%s, %s, %s) RETURNING id::text",
+            (tenant, marker, n),
+            marker,
+        )
+    if table == "public.ingest_uploads":
+        return (
+            "INSERT INTO ingest_uploads (tenant_id, job_id, ordinal, source_uri, size, data) "
+            "VALUES (%s, %s, %s, %s, 4, %s) RETURNING id::text",
+            (tenant, parent, n, marker, marker.encode()[:4]),
             marker,
         )
     raise AssertionError(f"no insert statement for {table}; add it to the isolation suite")

@@ -30,6 +30,7 @@ from tests.integration.test_isolation import (
     World,
     connect,
     current_tenant_setting,
+    discover_tenant_relations,
     discover_tenant_tables,
     ident,
     insert_statement,
@@ -236,6 +237,70 @@ async def test_application_role_cannot_weaken_row_level_security(pg: PgCluster) 
         )
         assert sorted(flags) == sorted((t, True, True) for t in tables)
         assert {t: await policies_for(conn, t) for t in tables} == before
+
+
+# --------------------------------------------------------------------------- the queue
+
+# procrastinate's tables (migration 0004): what the application role needs to enqueue
+# and run jobs, and nothing more; the reporting role gets nothing.
+QUEUE_GRANTS: dict[str, set[str]] = {
+    "procrastinate.procrastinate_jobs": {"SELECT", "INSERT", "UPDATE", "DELETE"},
+    "procrastinate.procrastinate_workers": {"SELECT", "INSERT", "UPDATE", "DELETE"},
+    "procrastinate.procrastinate_periodic_defers": {"SELECT", "INSERT", "UPDATE", "DELETE"},
+    "procrastinate.procrastinate_events": {"SELECT", "INSERT"},
+}
+TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
+
+
+async def test_queue_tables_are_not_tenant_tables_and_grant_only_what_workers_need(
+    pg: PgCluster,
+) -> None:
+    async with connect(pg.app) as conn:
+        tables = {
+            name
+            for (name,) in await fetch(
+                conn,
+                "SELECT n.nspname || '.' || c.relname FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = 'procrastinate' AND c.relkind IN ('r', 'p')",
+            )
+        }
+        assert tables == set(QUEUE_GRANTS)
+        # no tenant_id: the catalog discovery of tenant tables leaves them out for that
+        # reason alone (a tenant_id column would put them under the isolation checks)
+        tenant_relations = {r.name for r in await discover_tenant_relations(conn)}
+        assert not tables & tenant_relations
+        for table, granted in QUEUE_GRANTS.items():
+            for priv in TABLE_PRIVILEGES:
+                for role, expected in ((APP_ROLE, priv in granted), (REPORTING_ROLE, False)):
+                    has = await scalar(
+                        conn, "SELECT has_table_privilege(%s, %s, %s)", (role, table, priv)
+                    )
+                    assert has is expected, (role, table, priv)
+        owners = await fetch(
+            conn,
+            "SELECT DISTINCT pg_get_userbyid(c.relowner) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'procrastinate'",
+        )
+        assert owners == [(OWNER_ROLE,)]
+        executable = await fetch(
+            conn,
+            "SELECT p.proname, has_function_privilege(%s, p.oid, 'EXECUTE'), "
+            "has_function_privilege(%s, p.oid, 'EXECUTE') FROM pg_proc p "
+            "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'procrastinate'",
+            (APP_ROLE, REPORTING_ROLE),
+        )
+        assert executable
+        assert {(app, rep) for _, app, rep in executable} == {(True, False)}
+        for stmt in (
+            "CREATE TABLE procrastinate.pwned (tenant_id text)",
+            "CREATE FUNCTION procrastinate.pwned() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+            "TRUNCATE procrastinate.procrastinate_jobs",
+            "ALTER TABLE procrastinate.procrastinate_jobs ADD COLUMN pwned text",
+        ):
+            await refused(conn, stmt)
+    async with connect(pg.reporting) as rep:
+        await refused(rep, "SELECT count(*) FROM procrastinate.procrastinate_jobs")
 
 
 # --------------------------------------------------------------------------- no tenant
@@ -549,6 +614,15 @@ PK_PROBES: dict[str, tuple[str, Any]] = {
         "INSERT INTO request_log (request_id, tenant_id, route, status, latency_ms) "
         "VALUES (%(pk)s, %(tenant)s, 'probe', 200, 1)",
         lambda: f"req_probe_{uuid.uuid4().hex}",
+    ),
+    "public.ingest_jobs": (
+        "INSERT INTO ingest_jobs (id, tenant_id, namespace) VALUES (%(pk)s, %(tenant)s, 'probe')",
+        lambda: str(uuid.uuid4()),
+    ),
+    "public.ingest_uploads": (
+        "INSERT INTO ingest_uploads (id, tenant_id, job_id, ordinal, source_uri, size, data) "
+        "VALUES (%(pk)s, %(tenant)s, %(parent)s, %(i)s, 'probe', 0, '')",
+        lambda: str(uuid.uuid4()),
     ),
 }
 
