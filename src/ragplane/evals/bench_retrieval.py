@@ -14,7 +14,17 @@ against:
 
 Quality: nDCG@10, recall@10, recall@100 at document level. Speed: p50/p95 of
 retrieval alone and including query embedding; ingestion documents/s and
-tokens/s next to the raw embedder's tokens/s on the same chunk texts.
+tokens/s next to the raw embedder's tokens/s.
+
+Ingestion against the raw embedder compares like with like: the raw side runs
+:func:`~ragplane.knowledge.embedder.measure_throughput` on the texts ingestion
+itself sent to the embedder (recorded during the run; all of them, or a fixed
+random sample of ``raw_sample``), at the embedder's own batch size, after the
+ingestion. Both sides count the tokens the model processes: word pieces of the
+embedding input (title and heading path, then the chunk text) plus
+``[CLS]``/``[SEP]``, truncated to the model's 256
+(:func:`~ragplane.knowledge.ingest.model_tokens`). Ingestion's time is the whole
+run: look-ups, chunking, embedding and writes.
 """
 
 from __future__ import annotations
@@ -24,16 +34,18 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from ragplane.control.namespaces import NamespaceConfig, upsert_namespace
 from ragplane.data import Database, DatabaseUrls
 from ragplane.evals.metrics import ndcg_at_k, recall_at_k
-from ragplane.knowledge.chunking import chunk
 from ragplane.knowledge.embedder import LocalEmbedder, measure_throughput
-from ragplane.knowledge.ingest import Ingestor, IngestProgress, embedding_input
+from ragplane.knowledge.ingest import Ingestor, IngestProgress
 from ragplane.knowledge.parsers import parse
 from ragplane.knowledge.search import FusionConfig, Retriever, SearchMode
 
@@ -41,6 +53,7 @@ __all__ = ["BeirDataset", "RetrievalBenchResult", "load_beir", "run_retrieval_be
 
 BENCH_TENANT = "bench_retrieval"
 BENCH_NAMESPACE = "bench"
+RAW_SAMPLE_TEXTS = 2048
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,10 @@ class RetrievalBenchResult:
     ingest_s: float
     reingest_new_chunks: int
     reingest_embedding_calls: int
+    ingest_tokens: int = 0
+    raw_embed_texts: int = 0
+    embedding_inputs: int = 0
+    raw_embed_batch_size: int = 0
     retrievers: dict[str, RetrieverScores] = field(default_factory=dict)
     fusion: dict[str, Any] = field(default_factory=dict)
     sweep: list[tuple[dict[str, Any], float]] = field(default_factory=list)
@@ -125,6 +142,10 @@ class RetrievalBenchResult:
                 ),
                 "reingest_new_chunks": self.reingest_new_chunks,
                 "reingest_embedding_calls": self.reingest_embedding_calls,
+                "tokens": self.ingest_tokens,
+                "embedding_inputs": self.embedding_inputs,
+                "raw_embedder_texts": self.raw_embed_texts,
+                "raw_embedder_batch_size": self.raw_embed_batch_size,
             },
             "fusion": self.fusion,
             **{name: s.as_json() for name, s in self.retrievers.items()},
@@ -190,6 +211,42 @@ def _bm25(
     return runs, latencies
 
 
+class _Recording:
+    """The embedder as ingestion uses it, keeping every text it was asked to embed."""
+
+    def __init__(self, inner: LocalEmbedder) -> None:
+        self.inner = inner
+        self.texts: list[str] = []
+
+    @property
+    def model_id(self) -> str:
+        return self.inner.model_id
+
+    @property
+    def dimensions(self) -> int:
+        return self.inner.dimensions
+
+    @property
+    def max_tokens(self) -> int:
+        return self.inner.max_tokens
+
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+    async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        self.texts.extend(texts)
+        return await self.inner.embed(texts)
+
+
+def _raw_sample(texts: list[str], size: int) -> list[str]:
+    """All of ``texts``, or a fixed random sample of ``size`` of them (same seed, same
+    sample), in their original order."""
+    if len(texts) <= size:
+        return texts
+    picked = np.random.default_rng(0).choice(len(texts), size=size, replace=False)
+    return [texts[i] for i in sorted(picked.tolist())]
+
+
 async def run_retrieval_bench(
     urls: DatabaseUrls,
     dataset: BeirDataset,
@@ -198,6 +255,7 @@ async def run_retrieval_bench(
     fusion: FusionConfig | None = None,
     sweep: Iterable[FusionConfig] = (),
     limit_documents: int | None = None,
+    raw_sample: int = RAW_SAMPLE_TEXTS,
     progress: Callable[[str], None] = lambda _m: None,
 ) -> RetrievalBenchResult:
     """Ingest ``dataset`` into a throwaway tenant and score every retriever on it."""
@@ -221,7 +279,8 @@ async def run_retrieval_bench(
     if limit_documents is not None:
         data = b"\n".join(data.splitlines()[:limit_documents]) + b"\n"
     async with Database(urls.app, max_size=2) as db:
-        ingestor = Ingestor(db, embedder)
+        recording = _Recording(embedder)
+        ingestor = Ingestor(db, recording)
         parsed = parse(f"file://{dataset.corpus_path}", data)
 
         def report(p: IngestProgress) -> None:
@@ -231,15 +290,15 @@ async def run_retrieval_bench(
             )
 
         first = await ingestor.ingest(config, parsed, on_progress=report)
+        inputs = list(recording.texts)
         progress("re-ingesting the unchanged corpus")
         again = await ingestor.ingest(config, parsed)
-        progress("raw embedder throughput on the same chunk texts")
-        sample = [
-            embedding_input(d.title, c.heading_path, c.text)
-            for d in parsed[: min(len(parsed), 400)]
-            for c in chunk(d, config.chunking, embedder.count_tokens)
-        ]
-        raw = measure_throughput(embedder, sample, batch_size=32)
+        sample = _raw_sample(inputs, raw_sample)
+        progress(
+            f"raw embedder throughput on {len(sample)} of ingestion's {len(inputs)} "
+            "embedding inputs"
+        )
+        raw = measure_throughput(embedder, sample, batch_size=embedder.batch_size)
         result = RetrievalBenchResult(
             documents=first.documents,
             chunks=first.chunks_written,
@@ -250,6 +309,10 @@ async def run_retrieval_bench(
             ingest_s=first.elapsed_s,
             reingest_new_chunks=again.chunks_written,
             reingest_embedding_calls=again.embedding_calls,
+            ingest_tokens=first.tokens_embedded,
+            raw_embed_texts=len(sample),
+            embedding_inputs=len(inputs),
+            raw_embed_batch_size=embedder.batch_size,
         )
         progress("bm25 baseline")
         runs, latencies = _bm25(dataset, progress)
@@ -270,7 +333,8 @@ async def _score_ragplane(
     result: RetrievalBenchResult,
     progress: Callable[[str], None],
 ) -> None:
-    k = max(shipped.candidates, 500)
+    """nDCG@10, recall@10 and latency from the search as served (top 10 over the shipped
+    number of candidates); recall@100 from deeper lists (500 candidates per retriever)."""
     vectors = {}
     embed_ms: dict[str, float] = {}
     for qid, text in dataset.queries.items():
@@ -281,25 +345,37 @@ async def _score_ragplane(
     modes: tuple[SearchMode, ...] = ("dense", "lexical", "hybrid")
     for mode in modes:
         progress(f"ragplane {mode}: {len(dataset.queries)} queries")
-        m: SearchMode = mode
-        runs: dict[str, list[str]] = {}
+        top10: dict[str, list[str]] = {}
+        deep: dict[str, list[str]] = {}
         latencies, with_embed = [], []
         for qid, text in dataset.queries.items():
-            found = await retriever.candidates(
-                config, text, k=k, mode=m, query_vector=vectors[qid], fusion=shipped
-            )
-            ranked = retriever.rank(config, text, found, fusion=shipped, mode=m, top_k=100)
-            runs[qid] = [_corpus_id(d.best.metadata, d.source_uri) for d in ranked.documents]
-            # latency as served: the default top 10 (recall@100 above needs deeper lists)
             served = await retriever.search(
-                config, text, top_k=10, mode=m, query_vector=vectors[qid], fusion=shipped
+                config, text, top_k=10, mode=mode, query_vector=vectors[qid], fusion=shipped
             )
+            top10[qid] = [_corpus_id(d.best.metadata, d.source_uri) for d in served.documents]
             latencies.append(served.timings_ms["retrieve"])
             with_embed.append(served.timings_ms["retrieve"] + embed_ms[qid])
+            found = await retriever.candidates(
+                config, text, k=500, mode=mode, query_vector=vectors[qid], fusion=shipped
+            )
+            ranked = retriever.rank(config, text, found, fusion=shipped, mode=mode, top_k=100)
+            deep[qid] = [_corpus_id(d.best.metadata, d.source_uri) for d in ranked.documents]
             if mode == "hybrid":
-                hybrid_candidates[qid] = (text, found)
-        name = {"dense": "dense", "lexical": "pg_fulltext", "hybrid": "hybrid"}[mode]
-        result.retrievers[name] = _scores(runs, dataset.qrels, latencies, with_embed)
+                hybrid_candidates[qid] = (
+                    text,
+                    await retriever.candidates(
+                        config,
+                        text,
+                        k=shipped.candidates,
+                        mode=mode,
+                        query_vector=vectors[qid],
+                        fusion=shipped,
+                    ),
+                )
+        name = {"dense": "dense", "lexical": "bm25_sql", "hybrid": "hybrid"}[mode]
+        scores = _scores(top10, dataset.qrels, latencies, with_embed)
+        deep_scores = _scores(deep, dataset.qrels, latencies)
+        result.retrievers[name] = replace(scores, recall_100=deep_scores.recall_100)
     for candidate in sweep:
         runs = {}
         for qid, (text, found) in hybrid_candidates.items():
@@ -317,19 +393,17 @@ def _corpus_id(metadata: dict[str, Any], source_uri: str) -> str:
 
 
 def _fusion_dict(f: FusionConfig) -> dict[str, Any]:
-    return {
-        "method": f.method,
-        "dense_weight": f.dense_weight,
-        "lexical_weight": f.lexical_weight,
-        "rrf_k": f.rrf_k,
-        "candidates": f.candidates,
-    }
+    return asdict(f)
 
 
 def default_sweep() -> list[FusionConfig]:
-    """Blend and RRF over a grid of lexical weights (dense weight 1 - lexical)."""
+    """Blend (both normalisations, with and without the lead bonus) and RRF over a grid
+    of lexical weights (dense weight 1 - lexical)."""
     out = []
-    for lw in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6):
-        out.append(replace(FusionConfig(), method="blend", dense_weight=1 - lw, lexical_weight=lw))
-        out.append(replace(FusionConfig(), method="rrf", dense_weight=1 - lw, lexical_weight=lw))
+    for lw in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5):
+        base = replace(FusionConfig(), dense_weight=1 - lw, lexical_weight=lw)
+        out.append(replace(base, method="rrf"))
+        for norm in ("dbsf", "minmax"):
+            for lead in (0.0, 0.05):
+                out.append(replace(base, method="blend", normalization=norm, lead_bonus=lead))
     return out

@@ -8,7 +8,9 @@ Fusion is chosen by evaluation (``ragplane bench retrieval``), not by habit:
 
 - ``rrf``: weighted reciprocal rank fusion, ``w_d/(k + rank_d) + w_l/(k + rank_l)``;
 - ``blend``: score-normalised blend, ``w_d * dense' + w_l * lexical'`` where each
-  score is min-max normalised over its own candidate list (absent → 0).
+  score is normalised over its own candidate list (distribution-based: mean ± 3
+  standard deviations → [0, 1]; or min-max), absent → 0, plus a small bonus for
+  a document's first chunk.
 
 Each namespace may override the defaults (``control.kb_namespaces.retrieval``).
 Filtered ANN relies on pgvector's iterative index scans, so a tenant holding a
@@ -18,8 +20,9 @@ small share of the rows still gets its top-k.
 from __future__ import annotations
 
 import json
+import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -52,11 +55,13 @@ class FusionConfig:
     dense_weight: float = 0.7
     lexical_weight: float = 0.3
     rrf_k: int = 60
-    candidates: int = 100  # per retriever, before fusion
+    candidates: int = 300  # per retriever, before fusion
+    normalization: Literal["dbsf", "minmax"] = "dbsf"  # how blend puts scores on one scale
+    lead_bonus: float = 0.05  # added to a document's first chunk in a hybrid blend
     bm25_k1: float = 1.2
     bm25_b: float = 0.75
-    title_boost: float = 1.0  # extra term frequency for a term in the title or headings
-    max_df: float = 0.25  # terms in more chunks than this share do not select candidates
+    title_boost: float = 0.0  # extra term frequency for a term in the title or headings
+    max_df: float = 0.1  # terms in more chunks than this share do not select candidates
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> FusionConfig:
@@ -109,26 +114,51 @@ class SearchResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+def _normaliser(values: list[float], how: str) -> Callable[[float], float]:
+    """Map one retriever's scores onto a common scale for blending."""
+    if not values:
+        return lambda v: 0.0
+    if how == "dbsf":
+        # distribution-based: mean ± 3 standard deviations span [0, 1]
+        mean = statistics.fmean(values)
+        sd = statistics.pstdev(values) or 1.0
+        lo, span = mean - 3 * sd, 6 * sd
+    else:
+        lo, span = min(values), (max(values) - min(values)) or 1.0
+    return lambda v: (v - lo) / span
+
+
 def fuse(
     rows: list[dict[str, Any]], config: FusionConfig, mode: SearchMode
 ) -> list[tuple[float, dict[str, Any], int | None, int | None]]:
-    """(fused score, row, dense rank, lexical rank) for every candidate, best first."""
+    """(fused score, row, dense rank, lexical rank) for every candidate, best first.
+
+    ``dense`` and ``lexical`` modes rank by that retriever's score alone; ``hybrid``
+    fuses both and adds ``lead_bonus`` to a document's first chunk (its title and
+    opening: a position prior), in units of the normalised scale.
+    """
     dense = sorted((r for r in rows if r["sim"] is not None), key=lambda r: -r["sim"])
     lexical = sorted((r for r in rows if r["lex"] is not None), key=lambda r: -r["lex"])
     d_rank = {r["id"]: i + 1 for i, r in enumerate(dense)}
     l_rank = {r["id"]: i + 1 for i, r in enumerate(lexical)}
-    wd = config.dense_weight if mode != "lexical" else 0.0
-    wl = config.lexical_weight if mode != "dense" else 0.0
-    if mode != "hybrid":
-        wd, wl = (1.0, 0.0) if mode == "dense" else (0.0, 1.0)
-
-    def norm(values: list[float]) -> tuple[float, float]:
-        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-        return lo, (hi - lo) or 1.0
-
-    d_lo, d_span = norm([r["sim"] for r in dense])
-    l_lo, l_span = norm([r["lex"] for r in lexical])
     scored = []
+    if mode != "hybrid":
+        ranks = d_rank if mode == "dense" else l_rank
+        for r in dense if mode == "dense" else lexical:
+            rank = ranks[r["id"]]
+            score = r["sim"] if mode == "dense" else r["lex"]
+            scored.append(
+                (
+                    float(score),
+                    r,
+                    rank if mode == "dense" else None,
+                    rank if mode == "lexical" else None,
+                )
+            )
+        return scored
+    wd, wl = config.dense_weight, config.lexical_weight
+    nd = _normaliser([r["sim"] for r in dense], config.normalization)
+    nl = _normaliser([r["lex"] for r in lexical], config.normalization)
     for r in rows:
         dr, lr = d_rank.get(r["id"]), l_rank.get(r["id"])
         if config.method == "rrf":
@@ -136,11 +166,9 @@ def fuse(
                 wl / (config.rrf_k + lr) if lr else 0.0
             )
         else:
-            score = (wd * (r["sim"] - d_lo) / d_span if dr else 0.0) + (
-                wl * (r["lex"] - l_lo) / l_span if lr else 0.0
-            )
-        if (mode == "dense" and dr is None) or (mode == "lexical" and lr is None):
-            continue
+            score = (wd * nd(r["sim"]) if dr else 0.0) + (wl * nl(r["lex"]) if lr else 0.0)
+            if r["ordinal"] == 0:
+                score += config.lead_bonus
         scored.append((score, r, dr, lr))
     scored.sort(key=lambda t: (-t[0], str(t[1]["id"])))
     return scored
@@ -163,20 +191,18 @@ WITH dense AS MATERIALIZED (
     CROSS JOIN stats
     WHERE %(k_lexical)s > 0 AND t.namespace = %(ns)s AND t.embedding_model = %(model)s
 ), probe AS MATERIALIZED (
-    -- candidates come from the query's rarer terms (all of them when it has none);
+    -- candidates come from the query's rarer terms (and always its two rarest);
     -- every term scores them
-    SELECT coalesce(
-        string_agg(quote_literal(terms.lexeme), ' | ')
-            FILTER (WHERE terms.df <= greatest(%(max_df)s * stats.n, 100)),
-        string_agg(quote_literal(terms.lexeme), ' | ')
-    )::tsquery AS q
-    FROM terms, stats
+    SELECT string_agg(quote_literal(ranked.lexeme), ' | ')::tsquery AS q
+    FROM (SELECT lexeme, df, row_number() OVER (ORDER BY df, lexeme) AS rarity FROM terms)
+         AS ranked, stats
+    WHERE ranked.df <= greatest(%(max_df)s * stats.n, 100) OR ranked.rarity <= 2
 ), lexical AS MATERIALIZED (
     SELECT c.id, sum(
         terms.idf * tf.n * (%(k1)s + 1)
         / (tf.n + %(k1)s * (1 - %(b)s + %(b)s * c.tsv_length / stats.avgdl))
     ) AS lex
-    FROM probe, stats, chunks c,
+    FROM stats, chunks c,
          LATERAL (
              SELECT u.lexeme,
                     array_length(u.positions, 1)
@@ -186,7 +212,9 @@ WITH dense AS MATERIALIZED (
              FROM unnest(c.tsv) AS u
          ) AS tf
     JOIN terms ON terms.lexeme = tf.lexeme
-    WHERE c.tsv @@ probe.q AND c.embedding_model = %(model)s AND c.namespace = %(ns)s {filter}
+    -- a scalar subquery: planned as a parameter, so the GIN index on tsv is used
+    WHERE c.tsv @@ (SELECT q FROM probe)
+      AND c.embedding_model = %(model)s AND c.namespace = %(ns)s {filter}
     GROUP BY c.id
     ORDER BY lex DESC
     LIMIT %(k_lexical)s
