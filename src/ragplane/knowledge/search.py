@@ -60,7 +60,6 @@ class FusionConfig:
     lead_bonus: float = 0.05  # added to a document's first chunk in a hybrid blend
     bm25_k1: float = 1.2
     bm25_b: float = 0.75
-    title_boost: float = 0.0  # extra term frequency for a term in the title or headings
     max_df: float = 0.1  # terms in more chunks than this share do not select candidates
 
     @classmethod
@@ -202,18 +201,10 @@ WITH dense AS MATERIALIZED (
         terms.idf * tf.n * (%(k1)s + 1)
         / (tf.n + %(k1)s * (1 - %(b)s + %(b)s * c.tsv_length / stats.avgdl))
     ) AS lex
-    FROM stats, chunks c,
-         LATERAL (
-             SELECT u.lexeme,
-                    array_length(u.positions, 1)
-                    + %(title_boost)s
-                    * coalesce(array_length(array_positions(u.weights, 'A'), 1), 0)
-                    AS n
-             FROM unnest(c.tsv) AS u
-         ) AS tf
-    JOIN terms ON terms.lexeme = tf.lexeme
+    FROM stats, chunks c CROSS JOIN terms,
+         LATERAL (SELECT (c.term_freqs ->> terms.lexeme)::float8 AS n) AS tf
     -- a scalar subquery: planned as a parameter, so the GIN index on tsv is used
-    WHERE c.tsv @@ (SELECT q FROM probe)
+    WHERE c.tsv @@ (SELECT q FROM probe) AND tf.n IS NOT NULL
       AND c.embedding_model = %(model)s AND c.namespace = %(ns)s {filter}
     GROUP BY c.id
     ORDER BY lex DESC
@@ -292,7 +283,6 @@ class Retriever:
             "q": query,
             "k1": fusion.bm25_k1,
             "b": fusion.bm25_b,
-            "title_boost": fusion.title_boost,
             "max_df": fusion.max_df,
             "filters": _json(filters),
         }

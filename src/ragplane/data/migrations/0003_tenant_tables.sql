@@ -34,6 +34,14 @@ CREATE TABLE kb_state (
     PRIMARY KEY (tenant_id, namespace)
 );
 
+-- Term frequencies of a tsvector as {lexeme: occurrences}: BM25 reads the
+-- query's few terms from it instead of unnesting every candidate's tsvector.
+CREATE FUNCTION ragplane_meta.term_freqs(tsv tsvector) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT coalesce(jsonb_object_agg(lexeme, coalesce(array_length(positions, 1), 1)), '{}')
+    FROM unnest(tsv)
+$$;
+
 CREATE TABLE documents (
     id            uuid NOT NULL DEFAULT gen_random_uuid(),
     tenant_id     text NOT NULL REFERENCES control.tenants (id),
@@ -68,6 +76,7 @@ CREATE TABLE chunks (
     embedding        vector,
     tsv              tsvector NOT NULL DEFAULT ''::tsvector,
     tsv_length       integer NOT NULL DEFAULT 0,  -- lexeme occurrences: BM25's document length
+    term_freqs       jsonb GENERATED ALWAYS AS (ragplane_meta.term_freqs(tsv)) STORED,
     metadata         jsonb NOT NULL DEFAULT '{}',
     PRIMARY KEY (tenant_id, id),
     UNIQUE (tenant_id, document_id, embedding_model, ordinal),
