@@ -122,6 +122,7 @@ def clean_db(pg: PgCluster) -> PgCluster:
         conn.execute("TRUNCATE " + ", ".join(TENANT_TABLES) + " CASCADE")
         conn.execute("TRUNCATE " + ", ".join(QUEUE_TABLES) + " CASCADE")
         conn.execute("DELETE FROM control.api_keys")
+        conn.execute("DELETE FROM control.kb_namespaces")
     return pg
 
 

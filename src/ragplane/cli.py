@@ -33,7 +33,9 @@ tenants_app = typer.Typer(no_args_is_help=True, help="The tenant registry.")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys (bound to one tenant each).")
 db_app = typer.Typer(no_args_is_help=True, help="Database migrations.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks, side by side with a baseline.")
+kb_app = typer.Typer(no_args_is_help=True, help="Knowledge-base namespaces.")
 app.add_typer(tenants_app, name="tenants")
+app.add_typer(kb_app, name="kb")
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 app.add_typer(bench_app, name="bench")
@@ -209,6 +211,45 @@ def serve(
 
 
 @app.command()
+def worker(
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run background jobs (document ingestion) until SIGINT/SIGTERM.
+
+    Run as many as you like, on any machine that reaches the database; a job whose
+    worker dies is taken over by another (worker.stalled_after_s).
+    """
+    from ragplane.observe.logging import configure_logging
+    from ragplane.platform import Platform
+
+    settings = _settings(config, data_dir=data_dir)
+    configure_logging(settings.log_level, settings.log_format)
+    platform = Platform(settings)
+
+    async def run() -> None:
+        await platform.start()
+        try:
+            err.print("ragplane worker started; waiting for jobs (Ctrl-C stops it)")
+            await platform.run_worker()
+        finally:
+            await platform.stop()
+
+    # while jobs run, procrastinate handles SIGINT/SIGTERM itself (graceful: running jobs
+    # get worker.shutdown_grace_s); before and after that, a signal is a clean exit
+    def exit_quietly(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    previous = {sig: signal.signal(sig, exit_quietly) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with contextlib.suppress(SystemExit):
+            _run(run())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@app.command()
 def token(
     tenant: Annotated[str, typer.Option("--tenant", "-t", help="Tenant id to put in the token.")],
     data_dir: DataDirOpt = None,
@@ -368,6 +409,176 @@ def keys_revoke(key_id: str, data_dir: DataDirOpt = None, config: ConfigOpt = No
     if not _control(settings, lambda s: revoke_api_key(s, key_id), as_owner=True):
         raise RagplaneError(f"no active API key with id {key_id!r}")
     out.print(f"revoked {key_id}")
+
+
+@kb_app.command("create")
+def kb_create(
+    namespace: Annotated[str, typer.Argument(help="Namespace name, e.g. support-docs.")],
+    tenant: Annotated[str, typer.Option("--tenant", "-t", help="Owning tenant.")],
+    max_tokens: Annotated[
+        int, typer.Option(min=16, max=8192, help="Chunk size in embedding-model tokens.")
+    ] = 256,
+    overlap: Annotated[int, typer.Option(min=0, help="Overlap between chunks, in tokens.")] = 32,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Create a knowledge-base namespace for a tenant (pinned to the tenant's embedding model)."""
+    from ragplane.control.namespaces import NamespaceNotFound, get_namespace, upsert_namespace
+    from ragplane.control.tenants import get_tenant
+    from ragplane.knowledge.types import ChunkingPolicy
+
+    try:
+        policy = ChunkingPolicy(max_tokens, overlap)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--overlap") from None
+    settings = _settings(config, data_dir=data_dir)
+
+    async def create(s: Session) -> Any:
+        t = await get_tenant(s, tenant)  # TenantNotFound names the tenant
+        try:
+            await get_namespace(s, tenant, namespace)
+        except NamespaceNotFound:
+            pass
+        else:
+            raise RagplaneError(f"tenant {tenant!r} already has a knowledge base {namespace!r}")
+        return await upsert_namespace(
+            s, tenant, namespace, embedding_model=t.embedding_model, chunking=policy
+        )
+
+    ns = _control(settings, create, as_owner=True)
+    out.print(
+        f"created knowledge base [bold]{ns.name}[/] for {ns.tenant_id} "
+        f"(model {ns.embedding_model}, chunks of {ns.chunking.max_tokens} tokens, "
+        f"overlap {ns.chunking.overlap_tokens})",
+        highlight=False,
+    )
+
+
+@app.command()
+def ingest(
+    path: Annotated[Path, typer.Argument(help="A file, or a folder (walked recursively).")],
+    tenant: Annotated[str, typer.Option("--tenant", "-t", help="Tenant that owns the kb.")],
+    kb: Annotated[str, typer.Option("--kb", help="Knowledge-base namespace.")] = "default",
+    prune: Annotated[
+        bool,
+        typer.Option(help="Delete the kb's documents under PATH whose files are gone."),
+    ] = False,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Ingest files into a knowledge base, in this process, with a progress bar.
+
+    Files are parsed and embedded here (no worker needed); unchanged files cost
+    nothing. A file that cannot be ingested does not stop the others: the errors are
+    listed at the end.
+
+    Exit status: 0 when every document was ingested, 1 when some documents failed
+    (see the error table), 2 on a usage or configuration error.
+    """
+    from ragplane.knowledge.folder import collect_files
+    from ragplane.observe.logging import configure_logging
+
+    settings = _settings(config, data_dir=data_dir)
+    # the progress bar and the tables are the output; logs only for what goes wrong
+    configure_logging("warning", settings.log_format)
+    try:
+        files, skipped = collect_files(path)
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc), param_hint="PATH") from None
+    if not files:
+        raise RagplaneError(
+            f"no files to ingest under {path} ({skipped} skipped: unsupported extension)"
+        )
+    from ragplane.knowledge.folder import prune_prefix
+
+    prefix = prune_prefix(path) if prune else None
+    with _owner_and_app(settings) as (_, app_url):
+        result = _run(_ingest(settings, app_url, tenant, kb, files, prefix))
+    _print_ingest_result(result, skipped)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+async def _ingest(
+    settings: Settings, app_url: str, tenant: str, kb: str, files: list[Path], prune: str | None
+) -> Any:
+    import anyio.to_thread
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from ragplane.control.namespaces import NamespaceNotFound, get_namespace
+    from ragplane.data import Database, validate_tenant_id
+    from ragplane.knowledge.embedder import LocalEmbedder
+    from ragplane.knowledge.folder import FolderProgress, ingest_files
+    from ragplane.knowledge.ingest import Ingestor
+
+    validate_tenant_id(tenant)
+    db = Database(app_url, max_size=2, name="app")
+    async with db:
+        try:
+            async with db.control() as s:
+                ns = await get_namespace(s, tenant, kb)
+        except NamespaceNotFound:
+            raise RagplaneError(
+                f"tenant {tenant!r} has no knowledge base {kb!r}; create it first: "
+                f"ragplane kb create {kb} --tenant {tenant}"
+            ) from None
+        embedder = LocalEmbedder()
+        await anyio.to_thread.run_sync(embedder.load)
+        ingestor = Ingestor(db, embedder, batch_documents=settings.worker.batch_documents)
+        with Progress(
+            TextColumn("[bold]ingest[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("files"),
+            TextColumn("{task.fields[stats]}"),
+            console=err,
+            transient=False,
+        ) as bar:
+            task = bar.add_task("ingest", total=None, stats="")
+
+            def show(p: FolderProgress) -> None:
+                bar.update(
+                    task,
+                    completed=p.files_done,
+                    total=p.files_total,
+                    stats=f"{p.documents:,} documents  {p.chunks_written:,} chunks  "
+                    f"{p.tokens_per_s:,.0f} tokens/s",
+                )
+
+            return await ingest_files(
+                ingestor,
+                ns,
+                files,
+                prune=prune,
+                max_bytes=settings.knowledge.max_upload_bytes,
+                on_progress=show,
+            )
+
+
+def _print_ingest_result(result: Any, skipped: int) -> None:
+    r = result.ingest
+    rate = r.tokens_embedded / r.elapsed_s if r.elapsed_s > 0 else 0.0
+    out.print(
+        f"{result.files} files: {r.added} documents added, {r.updated} updated, "
+        f"{r.unchanged} unchanged, {r.deleted} deleted, {len(result.errors)} failed; "
+        f"{r.chunks_written:,} chunks, {r.tokens_embedded:,} tokens embedded "
+        f"({rate:,.0f} tokens/s) in {r.elapsed_s:.1f}s",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if skipped:
+        out.print(f"skipped {skipped} files with an unsupported extension", highlight=False)
+    if result.prune_skipped:
+        out.print(
+            "[yellow]not pruned:[/] some files failed, and their documents would have been "
+            "taken for deleted",
+            highlight=False,
+        )
+    if result.errors:
+        table = Table("document", "error", "message", title="documents that were not ingested")
+        for e in result.errors:
+            table.add_row(e.source_uri, e.code, e.message)
+        out.print(table)
 
 
 @db_app.command("migrate")

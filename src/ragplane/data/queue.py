@@ -83,9 +83,11 @@ async def recover_stalled_jobs(app: procrastinate.App, *, stalled_after_s: float
             await manager.retry_job(job)
         except pexc.ConnectorException as exc:
             # another worker retried (or finished) it between the two statements
-            log.info("stalled_job_not_retried", job_id=job.id, reason=str(exc))
+            log.info("stalled_job_not_retried", queue_job_id=job.id, reason=str(exc))
             continue
-        log.warning("stalled_job_retried", job_id=job.id, task=job.task_name, attempts=job.attempts)
+        log.warning(
+            "stalled_job_retried", queue_job_id=job.id, task=job.task_name, attempts=job.attempts
+        )
         retried.append(job.id)
     return retried
 

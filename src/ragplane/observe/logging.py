@@ -11,6 +11,17 @@ import structlog
 __all__ = ["configure_logging", "get_logger"]
 
 
+class _Stderr:
+    """Whatever ``sys.stderr`` is when a line is written (a test runner or an in-process
+    CLI runner may swap it after logging was configured, and close the old one)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "info", fmt: Literal["json", "console"] = "json") -> None:
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
@@ -28,7 +39,7 @@ def configure_logging(level: str = "info", fmt: Literal["json", "console"] = "js
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
 

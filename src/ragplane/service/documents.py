@@ -21,7 +21,8 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse
 
@@ -195,7 +196,10 @@ async def _uploads_from_form(request: Request, ctx: TenantContext) -> tuple[str,
 
 
 def _uploads_from_json(body: bytes) -> tuple[str, list[Upload]]:
-    payload = DocumentsIn.model_validate_json(body)
+    try:
+        payload = DocumentsIn.model_validate_json(body)
+    except ValidationError as exc:  # reported like FastAPI's own body validation: 422
+        raise RequestValidationError(exc.errors(include_url=False)) from None
     uploads = []
     for n, d in enumerate(payload.documents):
         _check_source_uri(d.source_uri)
