@@ -108,8 +108,13 @@ def _need_owner(owner: str | None) -> str:
     return owner
 
 
-def _serve(settings: Settings, on_ready: Callable[[Any], None]) -> None:
-    """Run the app under uvicorn; call ``on_ready(platform)`` once the socket is listening."""
+def _serve(
+    settings: Settings, on_ready: Callable[[Any], None], *, with_worker: bool = False
+) -> None:
+    """Run the app under uvicorn; call ``on_ready(platform)`` once the socket is listening.
+
+    ``with_worker``: also run background jobs in this process (the one-process deployment).
+    """
     import uvicorn
 
     from ragplane.observe.logging import configure_logging
@@ -136,10 +141,15 @@ def _serve(settings: Settings, on_ready: Callable[[Any], None]) -> None:
     async def run() -> None:
         await platform.start()  # errors surface here, as a clean message, before binding
         announcer = asyncio.create_task(announce_when_listening())
+        worker = asyncio.create_task(platform.run_worker_in_process()) if with_worker else None
         try:
             await server.serve()
         finally:
             announcer.cancel()
+            if worker is not None:
+                worker.cancel()  # running jobs get a short grace, then go back to the queue
+                with contextlib.suppress(asyncio.CancelledError):
+                    await worker
             await platform.stop()
 
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
@@ -177,6 +187,10 @@ def up(
     dev: Annotated[
         bool, typer.Option("--dev/--no-dev", help="Dev mode: demo tenants and tokens.")
     ] = True,
+    worker: Annotated[
+        bool,
+        typer.Option("--worker/--no-worker", help="Run background jobs in this process too."),
+    ] = True,
 ) -> None:
     """Start the whole platform in one process on embedded defaults."""
     settings = _settings(config, host=host, port=port, data_dir=data_dir, dev_mode=dev)
@@ -192,7 +206,7 @@ def up(
             out.print("demo token for tnt_acme_eu (use as 'Authorization: Bearer <token>'):")
             out.print(platform.dev_token("tnt_acme_eu"), soft_wrap=True, highlight=False)
 
-    _serve(settings, announce)
+    _serve(settings, announce, with_worker=worker)
 
 
 @app.command()

@@ -151,7 +151,13 @@ class Platform:
         self.embedder = embedder
         self.ingestor = Ingestor(self.db, embedder, batch_documents=s.worker.batch_documents)
 
-    async def run_worker(self, *, install_signal_handlers: bool = True, wait: bool = True) -> None:
+    async def run_worker(
+        self,
+        *,
+        install_signal_handlers: bool = True,
+        wait: bool = True,
+        grace_s: float | None = None,
+    ) -> None:
         """Run background jobs until SIGINT/SIGTERM (the platform must be started); with
         ``wait`` false, until the queue has no job left that it can take."""
         from ragplane.data.queue import run_worker
@@ -169,14 +175,26 @@ class Platform:
             max_upload_bytes=self.settings.knowledge.max_upload_bytes,
             max_attempts=self.settings.worker.max_attempts,
         )
-        log.info("worker_starting", concurrency=self.settings.worker.concurrency)
+        worker_settings = self.settings.worker
+        if grace_s is not None:
+            worker_settings = worker_settings.model_copy(update={"shutdown_grace_s": grace_s})
+        log.info("worker_starting", concurrency=worker_settings.concurrency)
         await run_worker(
             self.ingest_queue.app,
-            self.settings.worker,
+            worker_settings,
             context={RUNNER_KEY: runner},
             install_signal_handlers=install_signal_handlers,
             wait=wait,
         )
+
+    async def run_worker_in_process(self, *, grace_s: float = 5.0) -> None:
+        """Background jobs beside the API (``ragplane up``): no signal handlers of its own
+        (the server owns them), a short grace on shutdown, and a failure is logged rather
+        than taking the API down. Cancel the task to stop it."""
+        try:
+            await self.run_worker(install_signal_handlers=False, grace_s=grace_s)
+        except Exception as exc:  # the API keeps serving; the jobs wait in the queue
+            log.exception("in_process_worker_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _verifier(self) -> JwtVerifier:
         a = self.settings.auth

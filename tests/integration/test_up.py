@@ -222,6 +222,21 @@ def test_up_serves_over_http_and_stops_cleanly(
     tampered = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     assert whoami(up, tampered).status_code == 401
 
+    # one process: an upload is ingested by the worker that runs beside the API
+    auth = {"Authorization": f"Bearer {token}"}
+    r = httpx.post(
+        f"{up.base_url}/v1/documents",
+        headers=auth,
+        files={"file": ("hello.md", b"# Hello\n\nHello from the laptop.\n", "text/markdown")},
+        timeout=10,
+    )
+    assert r.status_code == 202, r.text
+    status_url = f"{up.base_url}{r.json()['status_url']}"
+    assert _wait_until(
+        lambda: httpx.get(status_url, headers=auth, timeout=10).json()["status"] == "succeeded",
+        60,
+    ), (httpx.get(status_url, headers=auth, timeout=10).text, up.output())
+
     postmaster = up.postmaster
     assert postmaster is not None, "no postmaster.pid in the data directory while running"
     assert _alive(postmaster)

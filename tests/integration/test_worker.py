@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 import psycopg
+import pytest
 
 from ragplane.data import Database
 from ragplane.data.queue import create_queue
@@ -26,6 +27,8 @@ from tests.integration.test_ingest_jobs import TENANT, make_namespace
 RAGPLANE = str(Path(sys.executable).with_name("ragplane"))
 RECORDS = 400
 BATCH = 4
+
+pytestmark = pytest.mark.timeout(300)  # two worker processes; the waits below are bounded
 
 
 def worker_env(pg: PgCluster, data_dir: Path) -> dict[str, str]:

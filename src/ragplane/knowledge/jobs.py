@@ -251,7 +251,9 @@ async def _run_ingest_job(
     runner = cast(IngestRunner, context.additional_context[RUNNER_KEY])
     try:
         await runner.run(tenant_id, job_id)
-    except Exception as exc:
+    except (Exception, asyncio.CancelledError) as exc:
+        # the last run of the job (no retry follows): its row must not stay "running".
+        # A cancelled task may still await once it has caught the cancellation.
         policy = cast(_RetryPolicy, context.app.tasks[INGEST_TASK].retry_strategy)
         if policy.get_retry_decision(exception=exc, job=context.job) is None:
             await runner.fail(tenant_id, job_id, exc)
