@@ -760,6 +760,11 @@ def bench_retrieval(
 
 
 def main() -> None:
+    from ragplane.observe.logging import configure_logging
+
+    # logs always go to stderr, so a command's stdout (a token, a key, --json) stays clean;
+    # commands that serve reconfigure them from their settings
+    configure_logging("warning", "console")
     try:
         app()
     except RagplaneError as exc:
