@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import pytest
 
 from ragplane.control.namespaces import NamespaceConfig, upsert_namespace
 from ragplane.data import Database
-from ragplane.errors import ModelMismatch
+from ragplane.errors import EmbeddingError, IngestError, ModelMismatch
+from ragplane.knowledge.chunking import chunk
 from ragplane.knowledge.embedder import LocalEmbedder
-from ragplane.knowledge.ingest import Ingestor
+from ragplane.knowledge.ingest import Ingestor, IngestProgress, embedding_input, model_tokens
 from ragplane.knowledge.parsers import parse
 from ragplane.knowledge.search import Retriever
 from ragplane.knowledge.types import ChunkingPolicy, ParsedDocument
@@ -271,3 +274,251 @@ async def test_bm25_statistics_stay_exact_through_every_change(kb: Kb) -> None:
         assert row == {"n": 0}
         row = await s.fetch_one("SELECT df FROM kb_terms WHERE lexeme = 'antwerp'")
         assert row == {"df": 1}
+
+
+# -- batches, the write pipeline and failures in the middle of a run -----------------------
+
+SMALL = ChunkingPolicy(max_tokens=24, overlap_tokens=4)
+
+
+def notes(
+    n: int, *, edited: int | None = None, poisoned: int | None = None
+) -> list[ParsedDocument]:
+    """``n`` small Markdown documents, several chunks each under SMALL."""
+    out = []
+    for i in range(n):
+        body = (
+            f"# Note {i}\n\nNote {i} records how warehouse {i} ships parcels. "
+            f"Orders placed before noon leave the same day from dock {i * 3}. "
+            f"Returns to warehouse {i} take up to {i + 5} working days to process."
+        )
+        if i == edited:
+            body += " This paragraph was edited."
+        if i == poisoned:
+            body += " POISON"
+        out.extend(parse(f"kb://notes/{i:02d}.md", body.encode()))
+    return out
+
+
+class RefusingEmbedder(CountingEmbedder):
+    """Its tokenizer refuses any text containing POISON, so that document cannot be chunked."""
+
+    def count_tokens(self, text: str) -> int:
+        if "POISON" in text:
+            raise IngestError("invalid_record", "the tokenizer refused it")
+        return super().count_tokens(text)
+
+
+class FailingEmbedder(CountingEmbedder):
+    """The real model, except that embedding call number ``fail_on`` fails."""
+
+    def __init__(self, inner: LocalEmbedder, fail_on: int) -> None:
+        super().__init__(inner)
+        self.fail_on = fail_on
+
+    async def embed(self, texts: Any) -> Any:
+        if self.calls + 1 == self.fail_on:
+            self.calls += 1
+            raise EmbeddingError("injected failure")
+        return await super().embed(texts)
+
+
+class StallingEmbedder(CountingEmbedder):
+    """Embeds once; the second call announces itself and never returns."""
+
+    def __init__(self, inner: LocalEmbedder) -> None:
+        super().__init__(inner)
+        self.stalled = asyncio.Event()
+
+    async def embed(self, texts: Any) -> Any:
+        if self.calls == 1:
+            self.calls += 1
+            self.stalled.set()
+            await asyncio.Event().wait()
+        return await super().embed(texts)
+
+
+def committed_documents(pg: PgCluster, tenant: str) -> int:
+    """Documents visible to another connection, i.e. committed."""
+    with psycopg.connect(pg.app, autocommit=True) as conn:
+        conn.execute("SELECT set_config('app.tenant_id', %s, false)", (tenant,))
+        row = conn.execute("SELECT count(*) FROM documents").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def _whole_documents(db: Database, tenant: str, embedder: CountingEmbedder) -> set[str]:
+    """The stored documents, after checking that each has exactly the chunks its text
+    gives (none missing, none extra, none from an older version)."""
+    async with db.tenant(tenant) as s:
+        documents = await s.fetch_all("SELECT id, source_uri, body FROM documents")
+        chunks = await s.fetch_all("SELECT document_id, ordinal, text FROM chunks")
+    by_doc: dict[Any, list[tuple[int, str]]] = {}
+    for c in chunks:
+        by_doc.setdefault(c["document_id"], []).append((c["ordinal"], c["text"]))
+    assert set(by_doc) <= {d["id"] for d in documents}  # no orphans
+    for d in documents:
+        (doc,) = parse(d["source_uri"], d["body"].encode())
+        expected = [(c.ordinal, c.text) for c in chunk(doc, SMALL, embedder.count_tokens)]
+        assert sorted(by_doc.get(d["id"], [])) == expected, d["source_uri"]
+    return {d["source_uri"] for d in documents}
+
+
+async def test_batches_commit_in_order_and_progress_counts_only_committed_documents(
+    clean_db: PgCluster, embedder: CountingEmbedder
+) -> None:
+    config = await _namespace(clean_db, "tnt_alpha", "notes", chunking=SMALL)
+    progress: list[tuple[IngestProgress, int]] = []
+    # one connection is enough: the ingestor never holds two at once
+    async with Database(clean_db.app, max_size=1) as db:
+        ingestor = Ingestor(db, embedder, batch_documents=3)
+        report = await ingestor.ingest(
+            config,
+            notes(10),
+            on_progress=lambda p: progress.append((p, committed_documents(clean_db, "tnt_alpha"))),
+        )
+        assert (report.added, report.updated, report.unchanged, report.errors) == (10, 0, 0, [])
+        assert report.embedding_calls == embedder.calls == 4
+        assert report.kb_version == 4
+        assert [p.documents_done for p, _ in progress] == [3, 6, 9, 10]
+        assert all(p.documents_done == committed for p, committed in progress)
+        assert progress[-1][0].chunks_written == report.chunks_written > 10
+        assert await _whole_documents(db, "tnt_alpha", embedder) == {
+            f"kb://notes/{i:02d}.md" for i in range(10)
+        }
+        await _stats_are_exact(db, "tnt_alpha")
+
+        # tokens: what the model processed, i.e. title and heading path too, and the
+        # special tokens, not just the chunk text
+        async with db.tenant("tnt_alpha") as s:
+            rows = await s.fetch_all(
+                "SELECT d.title, c.heading_path, c.text, c.token_count FROM chunks c "
+                "JOIN documents d ON d.id = c.document_id"
+            )
+        assert report.texts_embedded == len(rows) == report.chunks_written
+        assert report.tokens_embedded == sum(
+            model_tokens(embedder, embedding_input(r["title"], tuple(r["heading_path"]), r["text"]))
+            for r in rows
+        )
+        assert report.tokens_embedded > sum(r["token_count"] for r in rows)
+
+        calls = embedder.calls
+        again = await ingestor.ingest(config, notes(10, edited=4))
+        assert (again.added, again.updated, again.unchanged) == (0, 1, 9)
+        assert embedder.calls == calls + 1
+        assert again.kb_version == 5
+        await _whole_documents(db, "tnt_alpha", embedder)
+        await _stats_are_exact(db, "tnt_alpha")
+
+
+async def test_a_document_repeated_in_the_next_batch_is_judged_against_the_one_before(
+    clean_db: PgCluster, embedder: CountingEmbedder
+) -> None:
+    config = await _namespace(clean_db, "tnt_alpha", "notes", chunking=SMALL)
+    first, second = notes(2)
+    (edited,) = notes(2, edited=0)[:1]
+    async with Database(clean_db.app, max_size=2) as db:
+        ingestor = Ingestor(db, embedder, batch_documents=2)
+        same = await ingestor.ingest(config, [first, second, first])
+        assert (same.added, same.updated, same.unchanged) == (2, 0, 1)
+        assert same.embedding_calls == 1
+        changed = await ingestor.ingest(config, [second, first, edited])
+        assert (changed.added, changed.updated, changed.unchanged) == (0, 1, 2)
+        async with db.tenant("tnt_alpha") as s:
+            row = await s.fetch_one(
+                "SELECT body FROM documents WHERE source_uri = %s", (first.source_uri,)
+            )
+        assert row is not None
+        assert row["body"].endswith("This paragraph was edited.")
+        await _whole_documents(db, "tnt_alpha", embedder)
+        await _stats_are_exact(db, "tnt_alpha")
+
+
+async def test_a_document_that_cannot_be_chunked_fails_alone(
+    clean_db: PgCluster, local_embedder: LocalEmbedder
+) -> None:
+    config = await _namespace(clean_db, "tnt_alpha", "notes", chunking=SMALL)
+    refusing = RefusingEmbedder(local_embedder)
+    progress: list[int] = []
+    async with Database(clean_db.app, max_size=2) as db:
+        ingestor = Ingestor(db, refusing, batch_documents=2)
+        report = await ingestor.ingest(
+            config, notes(7, poisoned=3), on_progress=lambda p: progress.append(p.documents_done)
+        )
+        assert [(e.source_uri, e.code) for e in report.errors] == [
+            ("kb://notes/03.md", "invalid_record")
+        ]
+        assert (report.added, report.unchanged) == (6, 0)
+        assert progress == [2, 4, 6, 7]
+        uris = await _whole_documents(db, "tnt_alpha", refusing)
+    assert uris == {f"kb://notes/{i:02d}.md" for i in range(7) if i != 3}
+
+
+async def test_an_embedder_failure_mid_run_leaves_whole_batches_and_a_rerun_finishes(
+    clean_db: PgCluster, local_embedder: LocalEmbedder
+) -> None:
+    config = await _namespace(clean_db, "tnt_alpha", "notes", chunking=SMALL)
+    failing = FailingEmbedder(local_embedder, fail_on=3)
+    progress: list[int] = []
+    async with Database(clean_db.app, max_size=2) as db:
+        ingestor = Ingestor(db, failing, batch_documents=2)
+        with pytest.raises(EmbeddingError, match="injected failure"):
+            await ingestor.ingest(
+                config, notes(8), on_progress=lambda p: progress.append(p.documents_done)
+            )
+        # the batch being written when the third call failed was finished, and reported
+        assert progress == [2, 4]
+        assert await _whole_documents(db, "tnt_alpha", failing) == {
+            f"kb://notes/{i:02d}.md" for i in range(4)
+        }
+        await _stats_are_exact(db, "tnt_alpha")
+        async with db.tenant("tnt_alpha") as s:
+            version = await s.fetch_one("SELECT kb_version FROM kb_state")
+        assert version == {"kb_version": 2}
+
+        counting = CountingEmbedder(local_embedder)
+        rerun = await Ingestor(db, counting, batch_documents=2).ingest(config, notes(8))
+        assert (rerun.added, rerun.updated, rerun.unchanged) == (4, 0, 4)
+        assert counting.calls == 2
+        assert len(await _whole_documents(db, "tnt_alpha", counting)) == 8
+        await _stats_are_exact(db, "tnt_alpha")
+
+
+async def test_a_failing_source_still_commits_the_batch_already_embedded(
+    clean_db: PgCluster, embedder: CountingEmbedder
+) -> None:
+    config = await _namespace(clean_db, "tnt_alpha", "notes", chunking=SMALL)
+
+    async def source() -> AsyncIterator[ParsedDocument]:
+        for doc in notes(5):
+            yield doc
+        raise RuntimeError("the source broke")
+
+    progress: list[int] = []
+    async with Database(clean_db.app, max_size=2) as db:
+        ingestor = Ingestor(db, embedder, batch_documents=2)
+        with pytest.raises(RuntimeError, match="the source broke"):
+            await ingestor.ingest(
+                config, source(), on_progress=lambda p: progress.append(p.documents_done)
+            )
+        assert progress == [2, 4]
+        assert len(await _whole_documents(db, "tnt_alpha", embedder)) == 4
+        await _stats_are_exact(db, "tnt_alpha")
+
+
+async def test_cancelling_a_run_while_a_batch_is_written_leaves_no_half_batch(
+    clean_db: PgCluster, local_embedder: LocalEmbedder
+) -> None:
+    config = await _namespace(clean_db, "tnt_alpha", "notes", chunking=SMALL)
+    stalling = StallingEmbedder(local_embedder)
+    async with Database(clean_db.app, max_size=2) as db:
+        ingestor = Ingestor(db, stalling, batch_documents=2)
+        run = asyncio.create_task(ingestor.ingest(config, notes(6)))
+        await stalling.stalled.wait()  # batch 1 is being (or has been) written
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("ingest write")]
+        uris = await _whole_documents(db, "tnt_alpha", stalling)
+        assert uris in (set(), {"kb://notes/00.md", "kb://notes/01.md"})
+        await _stats_are_exact(db, "tnt_alpha")
