@@ -19,7 +19,7 @@ from ragplane.config import Region, Settings, load_settings
 from ragplane.errors import RagplaneError
 
 if TYPE_CHECKING:
-    from ragplane.data import Session
+    from ragplane.data import DatabaseUrls, Session
 
 __all__ = ["app", "main"]
 
@@ -627,6 +627,21 @@ def db_status(data_dir: DataDirOpt = None, config: ConfigOpt = None) -> None:
     out.print(f"schema version {st.current} of {st.latest}")
 
 
+@contextmanager
+def _throwaway_database() -> Iterator[DatabaseUrls]:
+    """A fresh embedded Postgres in a temporary directory (benchmarks), removed after."""
+    import tempfile
+
+    from ragplane.data import EmbeddedPostgres
+
+    with tempfile.TemporaryDirectory(prefix="ragplane-bench-") as tmp:
+        embedded = EmbeddedPostgres(Path(tmp))
+        try:
+            yield embedded.start()
+        finally:
+            embedded.stop()
+
+
 @bench_app.command("tenancy")
 def bench_tenancy(
     tenants: Annotated[int, typer.Option(min=1, help="Number of tenants.")] = 50,
@@ -639,26 +654,19 @@ def bench_tenancy(
     Runs on a throwaway embedded database in a temporary directory.
     """
     import json
-    import tempfile
 
-    from ragplane.data import EmbeddedPostgres
     from ragplane.evals.bench_tenancy import run_tenancy_bench
 
-    with tempfile.TemporaryDirectory(prefix="ragplane-bench-") as tmp:
-        embedded = EmbeddedPostgres(Path(tmp))
-        urls = embedded.start()
-        try:
-            result = _run(
-                run_tenancy_bench(
-                    urls,
-                    tenants=tenants,
-                    rows_per_tenant=rows,
-                    iterations=iterations,
-                    progress=lambda msg: err.print(f"[dim]{msg}…[/]"),
-                )
+    with _throwaway_database() as urls:
+        result = _run(
+            run_tenancy_bench(
+                urls,
+                tenants=tenants,
+                rows_per_tenant=rows,
+                iterations=iterations,
+                progress=lambda msg: err.print(f"[dim]{msg}…[/]"),
             )
-        finally:
-            embedded.stop()
+        )
     if as_json:
         print(json.dumps(result.as_json(), indent=2))
         return
@@ -698,27 +706,20 @@ def bench_retrieval(
     database in a temporary directory.
     """
     import json
-    import tempfile
 
-    from ragplane.data import EmbeddedPostgres
     from ragplane.evals.bench_retrieval import default_sweep, load_beir, run_retrieval_bench
 
     data = load_beir(dataset)
-    with tempfile.TemporaryDirectory(prefix="ragplane-bench-") as tmp:
-        embedded = EmbeddedPostgres(Path(tmp))
-        urls = embedded.start()
-        try:
-            result = _run(
-                run_retrieval_bench(
-                    urls,
-                    data,
-                    sweep=default_sweep() if sweep else (),
-                    limit_documents=limit,
-                    progress=lambda msg: err.print(f"[dim]{msg}[/]"),
-                )
+    with _throwaway_database() as urls:
+        result = _run(
+            run_retrieval_bench(
+                urls,
+                data,
+                sweep=default_sweep() if sweep else (),
+                limit_documents=limit,
+                progress=lambda msg: err.print(f"[dim]{msg}[/]"),
             )
-        finally:
-            embedded.stop()
+        )
     if as_json:
         print(json.dumps(result.as_json(), indent=2))
         return
