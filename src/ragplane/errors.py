@@ -17,6 +17,15 @@ so callers, handlers and (later) retries and breakers look only at this tree::
     │   ├── IngestError         one document could not be ingested (carries a code)
     │   ├── EmbeddingError      the embedder failed (model missing, remote error)
     │   └── ModelMismatch       a query names a namespace pinned to another model
+    ├── GatewayError            an LLM call failed; carries provider, route, attempt, request id
+    │   ├── UpstreamError       the provider answered with an error status (retryable or not)
+    │   ├── UpstreamTimeout     connect / first token / idle / total timeout (``phase``)
+    │   ├── UpstreamUnavailable the connection failed (refused, reset, DNS)
+    │   ├── StreamInterrupted   the stream broke after the first byte reached the caller
+    │   ├── UpstreamProtocolError the provider sent bytes we cannot parse
+    │   ├── NoHealthyRoute      every route of the alias is open or exhausted
+    │   ├── BulkheadFull        too many concurrent calls for a tenant or route (429)
+    │   └── UnknownAlias        the model name is not a configured alias
     └── ApiError                carries an HTTP status and a stable error code
         ├── BadRequest          400
         ├── Unauthorized        401 (credentials missing or not valid)
@@ -32,28 +41,39 @@ so callers, handlers and (later) retries and breakers look only at this tree::
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "ApiError",
     "BadRequest",
+    "BulkheadFull",
     "ConfigError",
     "ControlError",
     "DataError",
     "DatabaseUnavailable",
     "EmbeddingError",
     "Forbidden",
+    "GatewayError",
     "IngestError",
     "KnowledgeError",
     "LengthRequired",
     "MigrationError",
     "ModelMismatch",
+    "NoHealthyRoute",
     "NotFound",
     "PayloadTooLarge",
     "RagplaneError",
+    "StreamInterrupted",
     "TenantExists",
     "TenantNotFound",
     "TenantScopeError",
     "Unauthorized",
+    "UnknownAlias",
     "UnsupportedMediaType",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
 ]
 
 
@@ -121,6 +141,103 @@ class EmbeddingError(KnowledgeError):
 
 class ModelMismatch(KnowledgeError):
     """A namespace is pinned to one embedding model and was asked to use another."""
+
+
+class GatewayError(RagplaneError):
+    """An LLM call failed. Context fields are filled in where they are known.
+
+    ``retryable`` says whether trying again (same or next route) may succeed; only
+    errors raised before the first byte reached the caller are ever retried.
+    """
+
+    retryable = False
+    status_code = 502
+    code = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str | None = None,
+        route: str | None = None,
+        attempt: int | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.provider = provider
+        self.route = route
+        self.attempt = attempt
+        self.request_id = request_id
+
+
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504, 529})
+
+
+class UpstreamError(GatewayError):
+    """The provider answered with an error status; ``body`` is its (bounded) error text."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        retry_after_s: float | None = None,
+        body: str = "",
+        **context: Any,
+    ) -> None:
+        super().__init__(message, **context)
+        self.status = status
+        self.retry_after_s = retry_after_s
+        self.body = body
+        self.retryable = status in RETRYABLE_STATUSES
+        self.status_code = status if status in (400, 401, 403, 404, 413, 422, 429) else 502
+        self.code = "rate_limited" if status == 429 else "upstream_error"
+
+
+class UpstreamTimeout(GatewayError):
+    retryable = True
+    status_code = 504
+    code = "upstream_timeout"
+
+    def __init__(self, message: str, *, phase: str, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.phase = phase  # connect | ttft | idle | total
+
+
+class UpstreamUnavailable(GatewayError):
+    retryable = True
+    code = "upstream_unavailable"
+
+
+class UpstreamProtocolError(GatewayError):
+    retryable = True
+    code = "upstream_protocol_error"
+
+
+class StreamInterrupted(GatewayError):
+    """After the first byte: never retried, always reported to the caller as an error event."""
+
+    code = "stream_interrupted"
+
+
+class NoHealthyRoute(GatewayError):
+    status_code = 503
+    code = "no_healthy_route"
+
+
+class BulkheadFull(GatewayError):
+    status_code = 429
+    code = "concurrency_limit"
+
+    def __init__(self, message: str, *, retry_after_s: float, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.retry_after_s = retry_after_s
+
+
+class UnknownAlias(GatewayError):
+    status_code = 404
+    code = "model_not_found"
 
 
 class ApiError(RagplaneError):

@@ -1,0 +1,1 @@
+"""LLM gateway: OpenAI/Anthropic-compatible API, routing, resilience, cost ledger (docs/gateway.md)."""

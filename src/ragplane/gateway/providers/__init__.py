@@ -1,0 +1,1 @@
+"""Provider adapters (pure translation, one file per caller API × provider) and local providers."""
