@@ -90,14 +90,23 @@ class UpstreamRequest:
 
 
 class UpstreamResponse(Protocol):
-    """A provider's answer; the body is read at most once, whole or as chunks."""
+    """A provider's answer; the body is read at most once, whole or as chunks.
+
+    The first body bytes must arrive within what is left of the ``ttft_s`` given to
+    ``send`` (else ``UpstreamTimeout`` phase "ttft"); after that, a gap longer than
+    ``idle_s`` (``None``: no limit) raises ``UpstreamTimeout`` phase "idle". A connection
+    that breaks mid-body raises ``UpstreamUnavailable`` or ``UpstreamProtocolError``: the
+    transport does not know whether bytes reached the caller, the router decides (and
+    turns it into ``StreamInterrupted`` after the first byte). ``aclose`` releases the
+    connection (idempotent; reading to the end releases it too).
+    """
 
     status: int
     headers: Mapping[str, str]  # lower-case names
 
-    async def read(self) -> bytes: ...
+    async def read(self, *, idle_s: float | None = None) -> bytes: ...
 
-    def iter_chunks(self) -> AsyncIterator[bytes]: ...
+    def iter_chunks(self, *, idle_s: float | None = None) -> AsyncIterator[bytes]: ...
 
     async def aclose(self) -> None: ...
 
