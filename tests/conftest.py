@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import inspect
 import shutil
+import socket
+import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import redis
 from fastapi import FastAPI
 
 from ragplane.config import AuthSettings, DatabaseSettings, EdgeSettings, Settings
@@ -136,6 +140,52 @@ async def app_db(pg: PgCluster) -> AsyncIterator[Database]:
 async def owner_db(pg: PgCluster) -> AsyncIterator[Database]:
     async with Database(pg.owner, max_size=2, name="owner") as db:
         yield db
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A private redis-server (Debian package ``redis-server``) on a free loopback port,
+    without persistence, for the whole session."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    work_dir = tempfile.mkdtemp(prefix="ragplane-redis-")
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+    argv += ["no", "--dir", work_dir, "--logfile", "", "--loglevel", "warning"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.2)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    err = proc.stderr.read().decode() if proc.stderr else ""
+                    pytest.fail(f"redis-server did not start: {err}")
+                time.sleep(0.02)
+        yield url
+    finally:
+        client.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stderr:
+            proc.stderr.close()
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def clean_redis(redis_url: str) -> str:
+    """The session's Redis, emptied before the test."""
+    with redis.Redis.from_url(redis_url) as client:
+        client.flushall()
+    return redis_url
 
 
 def make_settings(pg: PgCluster, tmp_path: Path, **overrides: Any) -> Settings:
