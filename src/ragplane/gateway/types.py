@@ -160,7 +160,12 @@ class ChatAdapter(Protocol):
     api: Api
     upstream_api: Api
 
-    def build_request(self, body: dict[str, Any], route: Route) -> UpstreamRequest: ...
+    def build_request(
+        self, body: dict[str, Any], route: Route, *, headers: Mapping[str, str] | None = None
+    ) -> UpstreamRequest:
+        """``headers``: the caller's request headers; only Anthropic's ``anthropic-version``
+        and ``anthropic-beta`` are read (by the Anthropic-upstream adapters)."""
+        ...
 
     def parse_response(self, body: bytes, route: Route) -> tuple[dict[str, Any], Usage]: ...
 
