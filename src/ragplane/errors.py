@@ -8,6 +8,7 @@ so callers, handlers and (later) retries and breakers look only at this tree::
     ├── ConfigError             invalid settings; start-up stops
     ├── DataError
     │   ├── DatabaseUnavailable the database cannot be reached
+    │   ├── StateStoreUnavailable Redis (shared gateway state) cannot be reached
     │   ├── MigrationError      a migration failed or the schema is not current
     │   └── TenantScopeError    a unit of work was asked for with no valid tenant
     ├── ControlError
@@ -63,6 +64,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "RagplaneError",
+    "StateStoreUnavailable",
     "StreamInterrupted",
     "TenantExists",
     "TenantNotFound",
@@ -91,6 +93,10 @@ class DataError(RagplaneError):
 
 class DatabaseUnavailable(DataError):
     """The database could not be reached or refused the connection."""
+
+
+class StateStoreUnavailable(DataError):
+    """The shared state store (Redis: breaker state, bulkhead slots) could not be reached."""
 
 
 class MigrationError(DataError):
@@ -227,12 +233,17 @@ class NoHealthyRoute(GatewayError):
 
 
 class BulkheadFull(GatewayError):
+    """``scope`` says which limit was hit: "tenant" (the caller's own) or "route"."""
+
     status_code = 429
     code = "concurrency_limit"
 
-    def __init__(self, message: str, *, retry_after_s: float, **context: Any) -> None:
+    def __init__(
+        self, message: str, *, retry_after_s: float, scope: str = "tenant", **context: Any
+    ) -> None:
         super().__init__(message, **context)
         self.retry_after_s = retry_after_s
+        self.scope = scope
 
 
 class UnknownAlias(GatewayError):

@@ -186,6 +186,7 @@ class Admission:
     allowed: bool
     state: BreakerState
     probe: bool = False
+    lease: str | None = None  # the probe's lease id (it expires, so a lost probe frees)
 
 
 @dataclass(frozen=True, slots=True)
