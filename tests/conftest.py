@@ -42,6 +42,7 @@ TENANT_TABLES = (
     "request_log",
     "ingest_jobs",
     "ingest_uploads",
+    "llm_ledger",
 )
 # procrastinate's tables (not tenant tables: no tenant_id; job arguments are ids only)
 QUEUE_TABLES = (

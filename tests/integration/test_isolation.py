@@ -66,7 +66,12 @@ TABLE_SHAPES: dict[str, tuple[str, str]] = {
     "public.request_log": ("request_id", "route"),
     "public.ingest_jobs": ("id", "namespace"),
     "public.ingest_uploads": ("id", "source_uri"),
+    "public.llm_ledger": ("id", "request_id"),
 }
+
+# Tables the application role may only insert into and read (no UPDATE, no DELETE):
+# the role suite expects every change to their rows to be refused outright.
+APPEND_ONLY_TABLES = frozenset({"public.llm_ledger"})
 
 # Forged tenant contexts. Malformed ones are refused by Database.tenant
 # (TenantScopeError); the well-formed ones name no tenant that owns rows. Raw
@@ -354,6 +359,15 @@ def insert_statement(
             "INSERT INTO ingest_uploads (tenant_id, job_id, ordinal, source_uri, size, data) "
             "VALUES (%s, %s, %s, %s, 4, %s) RETURNING id::text",
             (tenant, parent, n, marker, marker.encode()[:4]),
+            marker,
+        )
+    if table == "public.llm_ledger":
+        return (
+            "INSERT INTO llm_ledger (tenant_id, id, created_at, request_id, alias, api, stream, "
+            "status, http_status, attempts, latency_ms, input_tokens) VALUES (%s, "
+            "gen_random_uuid(), now(), %s, 'support-quality', 'openai', false, 'ok', 200, 1, "
+            "12.5, %s) RETURNING id::text",
+            (tenant, marker, n),
             marker,
         )
     raise AssertionError(f"no insert statement for {table}; add it to the isolation suite")

@@ -24,6 +24,7 @@ from ragplane.data import Database
 from tests.conftest import PgCluster
 from tests.integration.test_isolation import (
     APP_ROLE,
+    APPEND_ONLY_TABLES,
     OWNER_ROLE,
     REPORTING_ROLE,
     SEEDED_TENANTS,
@@ -429,7 +430,8 @@ async def test_rows_for_another_tenant_are_refused_by_with_check(
             # moving one's own row to another tenant
             update = sql.SQL("UPDATE {} SET tenant_id = %s").format(ident(table))
             err = await refused(conn, update, (BETA,), tenant=ALPHA)
-            assert "row-level security" in str(err), err
+            refusal = "permission denied" if table in APPEND_ONLY_TABLES else "row-level security"
+            assert refusal in str(err), err
             # upsert onto another tenant's primary key does not touch that row: keys are
             # (tenant_id, id), so it cannot conflict with it and inserts alpha's own row
             if table == "public.documents":
@@ -469,6 +471,8 @@ async def test_updates_and_deletes_of_another_tenants_rows_touch_nothing(
     seeded = seeded_rows(world)
     async with app_db.tenant(ALPHA) as s:
         for table, info in world.tables.items():
+            if table in APPEND_ONLY_TABLES:
+                continue  # no UPDATE or DELETE at all: refused below
             t, pk, marker = ident(table), sql.Identifier(info.pk), sql.Identifier(info.marker)
             beta_pks = [r.pk for r in world.of(table, BETA)]
             for stmt, params in (
@@ -503,6 +507,14 @@ async def test_updates_and_deletes_of_another_tenants_rows_touch_nothing(
     async with connect(clean_db.app) as conn:
         for table, info in world.tables.items():
             t, marker = ident(table), sql.Identifier(info.marker)
+            if table in APPEND_ONLY_TABLES:
+                for stmt in (
+                    sql.SQL("UPDATE {} SET {} = {}").format(t, marker, marker),
+                    sql.SQL("DELETE FROM {}").format(t),
+                ):
+                    for tenant in (None, ALPHA, BETA):
+                        await refused(conn, stmt, tenant=tenant)
+                continue
             assert await in_transaction(conn, sql.SQL("DELETE FROM {}").format(t)) == 0
             assert (
                 await in_transaction(conn, sql.SQL("UPDATE {} SET {} = 'x'").format(t, marker)) == 0
@@ -622,6 +634,12 @@ PK_PROBES: dict[str, tuple[str, Any]] = {
     "public.ingest_uploads": (
         "INSERT INTO ingest_uploads (id, tenant_id, job_id, ordinal, source_uri, size, data) "
         "VALUES (%(pk)s, %(tenant)s, %(parent)s, %(i)s, 'probe', 0, '')",
+        lambda: str(uuid.uuid4()),
+    ),
+    "public.llm_ledger": (
+        "INSERT INTO llm_ledger (id, tenant_id, created_at, request_id, alias, api, stream, "
+        "status, http_status, attempts, latency_ms) VALUES (%(pk)s, %(tenant)s, now(), "
+        "'probe', 'probe', 'openai', false, 'ok', 200, 1, 1)",
         lambda: str(uuid.uuid4()),
     ),
 }

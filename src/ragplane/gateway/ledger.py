@@ -1,0 +1,425 @@
+"""The cost ledger sink: one ``llm_ledger`` row per call, written off the response path.
+
+::
+
+    submit(entry)  (sync, O(1), never awaits)
+      ├─ queue has room → bounded in-memory queue ──┐
+      └─ queue full     → append to the spill file  │  (counted in ``overflowed``;
+                           (one write syscall)       │   an error log per burst: the alarm)
+                                                     ▼
+    flusher task: every flush_interval_s, or as soon as a batch is full
+      queue → batches of batch_size → write_ledger_rows (one transaction each)
+      a batch the database does not take → appended to the spill file, retried with backoff
+      spill files → replayed in batches; a file is removed only after all its rows committed
+    stop(timeout): drain the queue and the spill files; whatever the database does not take
+      in time (it is gone) stays in a spill file, replayed by the next start()
+
+Every row carries an id minted at ``submit`` (time-ordered UUID) and is inserted with
+``ON CONFLICT DO NOTHING``, so a row written twice (a crash between a commit and the
+removal of its spill file, a batch cancelled mid-commit at shutdown and spilled) is
+stored once. Rows the database refuses (an unregistered tenant, a value out of range)
+go to ``rejected.jsonl`` beside the spill files, with an error log; no row is dropped
+without a trace. Spill files survive a crash of the process (each line is one write),
+not of the machine (no fsync per line). Each live sink holds an ``flock`` on its own
+spill file, so sinks sharing a data directory never take each other's live files;
+``start`` claims the files of sinks that are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import fcntl
+import os
+import random
+import time
+import uuid
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from ragplane.config import LedgerSettings, Settings
+from ragplane.data.db import Database
+from ragplane.data.ledger_store import LedgerRow, WriteResult, write_ledger_rows
+from ragplane.errors import DataError
+from ragplane.gateway.types import LedgerEntry
+from ragplane.observe.logging import get_logger
+
+__all__ = ["LedgerSink", "ledger_row"]
+
+log = get_logger("ragplane.gateway.ledger")
+
+_SPILL_PREFIX = "spill-"
+_REJECTED = "rejected.jsonl"
+
+
+def _time_ordered_uuid() -> uuid.UUID:
+    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then 74 random bits."""
+    value = ((time.time_ns() // 1_000_000) & ((1 << 48) - 1)) << 80
+    value |= int.from_bytes(os.urandom(10), "big") & ((1 << 80) - 1)
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    return uuid.UUID(int=value)
+
+
+def ledger_row(entry: LedgerEntry) -> LedgerRow:
+    """The ledger row of one call, with its id and time minted now."""
+    u = entry.usage
+    return LedgerRow(
+        tenant_id=entry.tenant_id,
+        id=_time_ordered_uuid(),
+        created_at=datetime.now(UTC),
+        request_id=entry.request_id,
+        alias=entry.alias,
+        api=entry.api,
+        stream=entry.stream,
+        status=entry.status,
+        http_status=entry.http_status,
+        attempts=entry.attempts,
+        latency_ms=entry.latency_ms,
+        route=entry.route,
+        provider=entry.provider,
+        model=entry.model,
+        trace_id=entry.trace_id,
+        feature_id=entry.feature_id,
+        input_tokens=u.input_tokens,
+        output_tokens=u.output_tokens,
+        cache_read_tokens=u.cache_read_tokens,
+        cache_write_tokens=u.cache_write_tokens,
+        reasoning_tokens=u.reasoning_tokens,
+        cost_usd=entry.cost_usd,
+        ttft_ms=entry.ttft_ms,
+        extra=dict(entry.extra),
+    )
+
+
+def _dumps(row: LedgerRow) -> bytes:
+    return orjson.dumps(asdict(row), default=str) + b"\n"
+
+
+def _loads(line: bytes) -> LedgerRow:
+    d: dict[str, Any] = orjson.loads(line)
+    d["id"] = uuid.UUID(d["id"])
+    d["created_at"] = datetime.fromisoformat(d["created_at"])
+    return LedgerRow(**d)
+
+
+class _SpillFile:
+    """One spill file this sink holds an exclusive ``flock`` on."""
+
+    def __init__(self, path: Path, handle: IO[bytes], rows: int) -> None:
+        self.path = path
+        self.handle = handle
+        self.rows = rows  # lines in the file
+        self.done_offset = 0  # bytes whose rows are committed (this process's view)
+
+    @classmethod
+    def create(cls, path: Path) -> _SpillFile:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new: nobody else can hold it
+        return cls(path, os.fdopen(fd, "ab", buffering=0), 0)
+
+    @classmethod
+    def claim(cls, path: Path) -> _SpillFile | None:
+        """Open and lock an existing file; None when a live sink holds it (or it is gone)."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        if not path.exists():  # replayed and removed by its owner just before we locked
+            os.close(fd)
+            return None
+        return cls(path, os.fdopen(fd, "ab", buffering=0), path.read_bytes().count(b"\n"))
+
+    def append(self, data: bytes, rows: int) -> None:
+        self.handle.write(data)  # unbuffered: one write(2) of whole lines
+        self.rows += rows
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self.handle.close()
+
+
+class LedgerSink:
+    """Bounded async writer of ledger rows (see the module docstring).
+
+    Counters, for metrics: ``submitted``, ``written`` (new rows committed),
+    ``duplicates`` (rows found already committed on a replay), ``overflowed`` (rows that
+    found the queue full), ``spilled_pending`` (rows in spill files not yet committed),
+    ``failed_writes`` (batches the database did not take), ``rejected`` (rows refused,
+    in ``rejected.jsonl``), ``lost`` (rows neither written nor spillable: disk failure,
+    logged whole), ``write_transactions`` (batch transactions committed).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        settings: LedgerSettings,
+        spill_dir: Path,
+        *,
+        retry_base_s: float = 0.2,
+        retry_max_s: float = 5.0,
+    ) -> None:
+        self._db = db
+        self._settings = settings
+        self.spill_dir = spill_dir
+        self._retry_base_s = retry_base_s
+        self._retry_max_s = retry_max_s
+        self._queue: collections.deque[LedgerRow] = collections.deque()
+        self._in_flight: list[LedgerRow] = []
+        self._spill: _SpillFile | None = None  # the file overflow appends to
+        self._sealed: list[_SpillFile] = []  # files to replay (no more appends)
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._burst = 0  # rows overflowed in the current burst (0: none under way)
+        self._closed = False  # stop() finished: submit spills
+        self.submitted = 0
+        self.written = 0
+        self.duplicates = 0
+        self.overflowed = 0
+        self.spilled_pending = 0
+        self.failed_writes = 0
+        self.rejected = 0
+        self.lost = 0
+        self.write_transactions = 0
+
+    @classmethod
+    def from_settings(cls, db: Database, settings: Settings) -> LedgerSink:
+        return cls(db, settings.gateway.ledger, settings.data_dir / "ledger")
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        """Rows of the batch being written now."""
+        return len(self._in_flight)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    # ------------------------------------------------------------------ response path
+
+    def submit(self, entry: LedgerEntry) -> None:
+        """Record one call. Synchronous, O(1), never awaits; never drops the row.
+
+        Before ``start`` rows wait in the queue; after ``stop`` they go to a spill file
+        straight away (the next start writes them).
+        """
+        row = ledger_row(entry)
+        self.submitted += 1
+        if self._closed:
+            log.warning("ledger_submit_after_stop", request_id=row.request_id)
+            self._spill_rows([row])
+            return
+        if len(self._queue) < self._settings.queue_size:
+            self._queue.append(row)
+            if len(self._queue) >= self._settings.batch_size:
+                self._wake.set()
+            return
+        self.overflowed += 1
+        if self._burst == 0:
+            log.error(
+                "ledger_queue_full",
+                queue_size=self._settings.queue_size,
+                spill_dir=str(self.spill_dir),
+                running=self.running,
+            )
+        self._burst += 1
+        self._spill_rows([row])
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Claim spill files left by sinks that are gone and start the flusher."""
+        if self._task is not None:
+            raise RuntimeError("a LedgerSink starts once")
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.spill_dir.glob(f"{_SPILL_PREFIX}*.jsonl")):
+            if self._spill is not None and path == self._spill.path:
+                continue
+            claimed = _SpillFile.claim(path)
+            if claimed is not None:
+                self._sealed.append(claimed)
+                self.spilled_pending += claimed.rows
+        if self._sealed:
+            log.info("ledger_spill_claimed", files=len(self._sealed), rows=self.spilled_pending)
+        self._task = asyncio.create_task(self._run(), name="ledger-flusher")
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Drain the queue and the spill files, within ``timeout_s``; what the database did
+        not take by then (it is gone) is left in a spill file for the next start."""
+        self._stopping.set()
+        self._wake.set()
+        task = self._task
+        if task is not None and not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout_s)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        # a batch cancelled mid-commit may or may not be in the table: spill it anyway,
+        # its ids make the replay a no-op for rows that did commit
+        self._closed = True
+        leftover = [*self._in_flight, *self._queue]
+        self._in_flight = []
+        self._queue.clear()
+        if leftover:
+            self._spill_rows(leftover)
+        for sf in [*self._sealed, *([self._spill] if self._spill else [])]:
+            sf.handle.close()  # releases the lock; the file stays for the next start
+        if self.spilled_pending:
+            log.error(
+                "ledger_stopped_with_spilled_rows",
+                rows=self.spilled_pending,
+                spill_dir=str(self.spill_dir),
+            )
+        self._sealed = []
+        self._spill = None
+
+    # ------------------------------------------------------------------ flusher
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            if not self._stopping.is_set() and len(self._queue) < self._settings.batch_size:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._settings.flush_interval_s)
+            self._wake.clear()
+            try:
+                ok = await self._flush_queue() and await self._replay_spill()
+            except Exception:
+                log.exception("ledger_flush_crashed")  # never let the flusher die
+                if self._in_flight:
+                    self._spill_rows(self._in_flight)
+                    self._in_flight = []
+                ok = False
+            if ok:
+                failures = 0
+                if self._stopping.is_set() and not self._queue and not self._pending_files():
+                    return
+                continue
+            if self._stopping.is_set():
+                return  # the database is gone: stop() spills what is left
+            failures += 1
+            backoff = min(self._retry_max_s, self._retry_base_s * 2 ** (failures - 1))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), random.uniform(0, backoff))  # noqa: S311
+
+    def _pending_files(self) -> bool:
+        return bool(self._sealed) or (self._spill is not None and self._spill.rows > 0)
+
+    async def _flush_queue(self) -> bool:
+        """Write the queue in batches; False after a batch the database did not take."""
+        while self._queue:
+            n = min(len(self._queue), self._settings.batch_size)
+            self._in_flight = [self._queue.popleft() for _ in range(n)]
+            ok = await self._write(self._in_flight)
+            batch, self._in_flight = self._in_flight, []
+            if not ok:
+                self._spill_rows(batch)
+                return False
+        if self._burst and len(self._queue) < self._settings.queue_size // 2 + 1:
+            log.warning("ledger_overflow_burst_ended", rows=self._burst)
+            self._burst = 0
+        return True
+
+    async def _replay_spill(self) -> bool:
+        """Write the rows of the spill files; remove each file once all its rows committed."""
+        if self._spill is not None and self._spill.rows > 0:
+            self._sealed.append(self._spill)  # overflow goes to a new file from now on
+            self._spill = None
+        while self._sealed:
+            sf = self._sealed[0]
+            with sf.path.open("rb") as f:
+                f.seek(sf.done_offset)
+                while True:
+                    lines = [
+                        line for _ in range(self._settings.batch_size) if (line := f.readline())
+                    ]
+                    if not lines:
+                        break
+                    rows = self._parse(sf, lines)
+                    if rows and not await self._write(rows):
+                        return False
+                    sf.done_offset = f.tell()
+            sf.remove()
+            self._sealed.pop(0)
+            self.spilled_pending -= sf.rows
+        return True
+
+    def _parse(self, sf: _SpillFile, lines: list[bytes]) -> list[LedgerRow]:
+        rows = []
+        for line in lines:
+            try:
+                rows.append(_loads(line))
+            except (ValueError, TypeError, KeyError) as exc:
+                # a line cut short by a crash mid-write (its submit never returned)
+                self.rejected += 1
+                self._write_rejected([{"line": line.decode(errors="replace"), "error": str(exc)}])
+                log.exception("ledger_spill_line_unreadable", path=str(sf.path), error=str(exc))
+        return rows
+
+    async def _write(self, rows: list[LedgerRow]) -> bool:
+        try:
+            result: WriteResult = await write_ledger_rows(self._db, rows)
+        except DataError as exc:  # DatabaseUnavailable included
+            self.failed_writes += 1
+            log.warning("ledger_write_failed", rows=len(rows), error=str(exc))
+            return False
+        self.write_transactions += 1
+        self.written += result.inserted
+        self.duplicates += result.duplicates
+        if result.rejected:
+            self.rejected += len(result.rejected)
+            self._write_rejected(
+                [{"row": asdict(r), "error": reason} for r, reason in result.rejected]
+            )
+            log.error(
+                "ledger_rows_rejected",
+                rows=len(result.rejected),
+                first_error=result.rejected[0][1],
+                path=str(self.spill_dir / _REJECTED),
+            )
+        return True
+
+    # ------------------------------------------------------------------ files
+
+    def _spill_rows(self, rows: list[LedgerRow]) -> None:
+        data = b"".join(_dumps(r) for r in rows)
+        try:
+            if self._spill is None:
+                self.spill_dir.mkdir(parents=True, exist_ok=True)
+                name = f"{_SPILL_PREFIX}{_time_ordered_uuid().hex}.jsonl"
+                self._spill = _SpillFile.create(self.spill_dir / name)
+            self._spill.append(data, len(rows))
+        except OSError as exc:
+            self.lost += len(rows)
+            log.exception(  # the last place these rows exist
+                "ledger_rows_lost", error=str(exc), rows=data.decode(errors="replace")
+            )
+            return
+        self.spilled_pending += len(rows)
+
+    def _write_rejected(self, items: list[dict[str, Any]]) -> None:
+        data = b"".join(orjson.dumps(i, default=str) + b"\n" for i in items)
+        try:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            with (self.spill_dir / _REJECTED).open("ab") as f:
+                f.write(data)
+        except OSError as exc:
+            log.exception("ledger_rejected_unwritable", error=str(exc), rows=data.decode())
