@@ -760,6 +760,52 @@ def bench_retrieval(
         out.print(f"  sweep {fusion} -> nDCG@10 {ndcg:.4f}")
 
 
+@app.command("mock-provider")
+def mock_provider(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: a free one).")] = 9100,
+    latency_ms: Annotated[float, typer.Option(min=0, help="Delay before headers.")] = 0.0,
+    ttft_ms: Annotated[float, typer.Option(min=0, help="Headers to first token.")] = 0.0,
+    tokens_per_s: Annotated[float, typer.Option(min=0, help="Stream pace; 0: unpaced.")] = 0.0,
+    output_tokens: Annotated[int, typer.Option(min=1, help="Answer length.")] = 16,
+    fault: Annotated[
+        list[str] | None, typer.Option(help="Fault spec, e.g. 503, 429:2, cut:3 (repeatable).")
+    ] = None,
+    fault_rate: Annotated[float, typer.Option(min=0, max=1, help="Share of requests.")] = 1.0,
+    fault_count: Annotated[
+        int | None, typer.Option(min=0, help="Only the next N requests (per --fault).")
+    ] = None,
+    cached_tokens: Annotated[int, typer.Option(min=0, help="OpenAI cached_tokens.")] = 0,
+    api_key: Annotated[str | None, typer.Option(help="Require this key.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the fault-rate draws.")] = None,
+) -> None:
+    """Run the provider test server (OpenAI + Anthropic protocols, latency, faults) until
+    SIGINT/SIGTERM. Per-request headers: x-mock-fault, x-mock-latency-ms, x-mock-ttft-ms,
+    x-mock-tokens-per-s; admin: GET /_mock/stats, POST /_mock/faults, POST /_mock/reset."""
+    from ragplane.gateway.mockprovider import (
+        FaultRule,
+        MockProvider,
+        MockProviderConfig,
+        serve_mock_provider,
+    )
+
+    config = MockProviderConfig(
+        api_key=api_key,
+        latency_ms=latency_ms,
+        ttft_ms=ttft_ms,
+        tokens_per_s=tokens_per_s,
+        output_tokens=output_tokens,
+        cached_tokens=cached_tokens,
+        faults=tuple(FaultRule(f, rate=fault_rate, count=fault_count) for f in fault or ()),
+        seed=seed,
+    )
+
+    def announce(mock: MockProvider) -> None:
+        err.print(f"mock provider listening on {mock.url}", highlight=False, soft_wrap=True)
+
+    serve_mock_provider(config, host=host, port=port, on_ready=announce)
+
+
 def main() -> None:
     from ragplane.observe.logging import configure_logging
 
