@@ -398,9 +398,7 @@ def test_errors_in_the_stream() -> None:
     out = run_stream(translator, b"".join(b"data: " + c.encode() + b"\n\n" for c in CHUNKS[:3]))
     assert not translator.finished
     out += b"".join(translator.error_frames("upstream_timeout", "idle for 15s", "req_3"))
+    client = anthropic_sdk(out, stream=True)
     with pytest.raises(anthropic.APIStatusError) as caught:
-        with anthropic_sdk(out, stream=True).messages.stream(
-            model="a", max_tokens=5, messages=[]
-        ) as stream:
-            stream.get_final_message()
+        list(client.messages.create(model="a", max_tokens=5, messages=[], stream=True))
     assert caught.value.body["error"]["type"] == "timeout_error"
