@@ -226,7 +226,10 @@ _SUFFIXES = (
 
 def approx_tokens(text: str) -> int:
     """The token count this provider reports: ``words + words // 3``."""
-    words = len(text.split())
+    return _word_tokens(len(text.split()))
+
+
+def _word_tokens(words: int) -> int:
     return words + words // 3
 
 
@@ -329,7 +332,7 @@ def parse_passages(messages: Sequence[Mapping[str, Any]]) -> tuple[list[Passage]
 
 def _truncate(text: str, max_tokens: int) -> str:
     keep = 0
-    while (keep + 1) + (keep + 1) // 3 <= max_tokens:
+    while _word_tokens(keep + 1) <= max_tokens:
         keep += 1
     pieces = _PIECE.findall(text)
     return "".join(pieces[:keep]).strip()
@@ -367,12 +370,12 @@ def compose_answer(messages: Sequence[Mapping[str, Any]], max_tokens: int) -> An
     scored.sort(key=lambda s: (-s[0], s[1]))
     best = scored[0][0]
     chosen: list[tuple[int, str, str]] = []
-    used = 0
+    words = 0
     for score, order, marker, sentence in scored[:MAX_SENTENCES]:
-        cost = approx_tokens(f"{sentence} {marker}")
-        if score >= RELATIVE_SCORE * best and used + cost <= max_tokens:
+        more = len(sentence.split()) + 1  # the marker is a word too
+        if score >= RELATIVE_SCORE * best and _word_tokens(words + more) <= max_tokens:
             chosen.append((order, marker, sentence))
-            used += cost
+            words += more
     if not chosen:
         _, _, marker, sentence = scored[0]
         return Answer(_truncate(f"{sentence} {marker}", max_tokens), "length", (marker,))
