@@ -639,6 +639,7 @@ def test_fault_specs_parse_and_reject() -> None:
     assert parse_fault("429:retry-after=2").retry_after_s == 2.0
     assert parse_fault("429:3").retry_after_s == 3.0
     assert parse_fault("cut:3").after == 3
+    assert parse_fault("stall:after=2").after == 2
     assert parse_fault("malformed").after is None
     assert parse_fault("529").status == 529
     for bad in ("teapot", "200", "cut:x", "hang:3", "refuse:after=1", "429:after=2"):
@@ -709,3 +710,55 @@ def test_cli_serves_until_sigterm() -> None:
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+async def test_stall_trips_the_client_idle_timeout(mock: MockProvider) -> None:
+    async with openai.AsyncOpenAI(
+        base_url=mock.openai_base_url, api_key=KEY, max_retries=0, timeout=0.3
+    ) as client:
+        stream = await client.chat.completions.create(
+            model="m",
+            messages=HELLO,  # type: ignore[arg-type]
+            stream=True,
+            extra_headers={"x-mock-fault": "stall:2"},
+        )
+        got: list[Any] = []
+        with pytest.raises(openai.APITimeoutError):
+            await _drain(stream, got)
+        assert len(got) == 2
+        with pytest.raises(openai.APITimeoutError):
+            await client.chat.completions.create(
+                model="m",
+                messages=HELLO,  # type: ignore[arg-type]
+                extra_headers={"x-mock-fault": "stall"},
+            )
+
+
+async def test_header_none_skips_the_rules(mock: MockProvider, oai: openai.AsyncOpenAI) -> None:
+    mock.set_faults("500")
+    with pytest.raises(openai.InternalServerError):
+        await oai.chat.completions.create(model="m", messages=HELLO)  # type: ignore[arg-type]
+    ok = await oai.chat.completions.create(
+        model="m",
+        messages=HELLO,  # type: ignore[arg-type]
+        extra_headers={"x-mock-fault": "none"},
+    )
+    assert ok.choices
+    assert mock.stats.faults == {"500": 1}
+
+
+async def test_stopping_releases_hanging_requests() -> None:
+    async with aiohttp.ClientSession() as session:
+        async with run_mock_provider() as m:
+            pending = asyncio.ensure_future(
+                session.post(
+                    m.openai_base_url + "/chat/completions",
+                    json={"model": "m", "messages": HELLO},
+                    headers={"x-mock-fault": "hang"},
+                )
+            )
+            while m.stats.in_flight == 0:  # noqa: ASYNC110 - the counter has no event
+                await asyncio.sleep(0.01)
+        # the server closed the connection instead of waiting for the shutdown timeout
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            await pending

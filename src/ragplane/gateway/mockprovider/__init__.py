@@ -63,9 +63,12 @@ Faults: the ``x-mock-fault`` header, else the first configured/runtime rule that
 ``retry_after_s`` or ``429:2``), any other status 400-599 (``529`` is Anthropic's
 ``overloaded_error``), ``refuse`` (connection closed, no response), ``hang`` (no answer
 until the client gives up), ``cut[:N]`` (stream: N events then the connection closes,
-no terminal event; non-stream: half the body), ``malformed[:N]`` (stream: a data line
-that is not JSON after N events; non-stream: a truncated JSON body). N defaults to
-``cut_after`` (3). See ``_config`` for the grammar.
+no terminal event; non-stream: half the body), ``stall[:N]`` (stream: N events then
+silence until the client gives up, an idle timeout; non-stream: half the body, then
+silence), ``malformed[:N]`` (stream: a data line that is not JSON after N events;
+non-stream: a truncated JSON body). N defaults to ``cut_after`` (3). The header
+``x-mock-fault: none`` turns the rules off for one request. See ``_config`` for the
+grammar.
 """
 
 from __future__ import annotations

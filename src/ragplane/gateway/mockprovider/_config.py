@@ -12,8 +12,11 @@ A fault spec is ``KIND[:N][:key=value]...``:
 ``hang``                  read the request, never answer (until the client gives up)
 ``cut``, ``cut:3``        streams: send N events then close the connection without
                           the terminal event; non-streams: half the body, then close
+``stall``, ``stall:3``    streams: send N events, then nothing more until the client
+                          gives up (an idle timeout); non-streams: half the body
 ``malformed:1``           streams: one data line that is not JSON after N events;
                           non-streams: a 200 whose body is not JSON
+``none``                  (header only) no fault, and no rule is drawn
 ========================  =====================================================
 """
 
@@ -26,13 +29,15 @@ from ragplane.errors import ConfigError
 
 __all__ = ["Fault", "FaultKind", "FaultRule", "MockProviderConfig", "parse_fault"]
 
-FaultKind = Literal["status", "refuse", "hang", "cut", "malformed"]
+FaultKind = Literal["status", "refuse", "hang", "cut", "stall", "malformed"]
 _NAMED: dict[str, FaultKind] = {
     "refuse": "refuse",
     "hang": "hang",
     "cut": "cut",
+    "stall": "stall",
     "malformed": "malformed",
 }
+_AFTER_KINDS = ("cut", "stall", "malformed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +48,7 @@ class Fault:
     label: str  # what the stats count it as: "429", "cut", ...
     status: int = 0
     retry_after_s: float | None = None
-    after: int | None = None  # cut / malformed: events sent before the fault
+    after: int | None = None  # cut / stall / malformed: events sent before the fault
 
 
 def parse_fault(spec: str) -> Fault:
@@ -59,7 +64,7 @@ def parse_fault(spec: str) -> Fault:
     else:
         raise ConfigError(
             f"fault {spec!r}: unknown kind {head!r} (a status 400-599, refuse, hang, cut, "
-            "malformed)"
+            "stall, malformed)"
         )
     retry_after: float | None = None
     after: int | None = None
@@ -70,7 +75,7 @@ def parse_fault(spec: str) -> Fault:
         try:
             if key == "retry-after" and kind == "status":
                 retry_after = float(value)
-            elif key == "after" and kind in ("cut", "malformed"):
+            elif key == "after" and kind in _AFTER_KINDS:
                 after = int(value)
             else:
                 raise ConfigError(f"fault {spec!r}: {head} takes no parameter {key!r}")
@@ -120,7 +125,7 @@ class MockProviderConfig:
     cached_tokens: int = 0  # OpenAI prompt_tokens_details.cached_tokens
     reasoning_tokens: int = 0  # OpenAI completion_tokens_details.reasoning_tokens
     retry_after_s: float = 1.0  # Retry-After of a 429 whose spec gives none
-    cut_after: int = 3  # events before a cut / malformed line whose spec gives none
+    cut_after: int = 3  # events before a cut / stall / malformed line if the spec gives none
     faults: tuple[FaultRule, ...] = ()
     seed: int | None = None  # of the fault-rate draws
     models: tuple[str, ...] = ("mock-gpt", "mock-claude", "mock-embedding")

@@ -107,7 +107,10 @@ class MockState:
 
     def fault_for(self, header: str | None) -> Fault | None:
         """The fault of this request: the ``x-mock-fault`` header's, else the first rule
-        that fires. Raises ``ConfigError`` for a header that does not parse."""
+        that fires (the header ``none``: no fault at all). Raises ``ConfigError`` for a
+        header that does not parse."""
+        if header is not None and header.strip().lower() == "none":
+            return None
         fault = parse_fault(header) if header else None
         if fault is None:
             for live in self._rules:

@@ -80,13 +80,18 @@ def close_connection(request: web.Request) -> web.StreamResponse:
     return web.Response()
 
 
-async def hang(request: web.Request, stopping: asyncio.Event) -> web.StreamResponse:
-    """Answer nothing until the client goes away (or the server stops)."""
+async def _until_gone(request: web.Request, stopping: asyncio.Event) -> None:
+    """Wait until the client closed the connection (or the server stops)."""
     while not stopping.is_set():
         transport = request.transport
         if transport is None or transport.is_closing():
-            break
+            return
         await asyncio.sleep(0.05)
+
+
+async def hang(request: web.Request, stopping: asyncio.Event) -> web.StreamResponse:
+    """Answer nothing until the client goes away (or the server stops)."""
+    await _until_gone(request, stopping)
     return close_connection(request)
 
 
@@ -99,7 +104,8 @@ async def send_json(
     headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
     """A JSON answer, sent once ``tokens`` would have been generated; ``cut`` sends half
-    the body and closes the connection, ``malformed`` sends a body that is not JSON."""
+    the body and closes the connection, ``stall`` sends half the body and waits,
+    ``malformed`` sends a body that is not JSON."""
     t = call.timing
     wait = t.ttft_s + t.generation_s(tokens)
     if wait > 0:
@@ -109,7 +115,7 @@ async def send_json(
     if kind == "malformed":
         body = body[: len(body) // 2]
     all_headers = {"Content-Type": "application/json", **(headers or {})}
-    if kind != "cut":
+    if kind not in ("cut", "stall"):
         return web.Response(body=body, status=status, headers=all_headers)
     resp = web.StreamResponse(status=status, headers=all_headers)
     resp.content_length = len(body)
@@ -118,6 +124,8 @@ async def send_json(
         await resp.write(body[: len(body) // 2])
     except ConnectionError:
         return resp
+    if kind == "stall":
+        await _until_gone(call.request, call.state.stopping)
     close_connection(call.request)
     return resp
 
@@ -135,8 +143,9 @@ async def send_events(
     """Stream ``lead`` (at once, or with the first token), ``tokens`` (the first after
     the TTFT, then paced) and ``tail`` (right after the last token).
 
-    Faults: ``cut`` stops after N events and closes the connection; ``malformed``
-    inserts ``bad_line`` after N events.
+    Faults: ``cut`` stops after N events and closes the connection; ``stall`` stops
+    after N events and waits for the client to give up; ``malformed`` inserts
+    ``bad_line`` after N events.
     """
     t = call.timing
     step = 1.0 / t.tokens_per_s if t.tokens_per_s > 0 else 0.0
@@ -145,12 +154,12 @@ async def send_events(
     events = [(first, e) for e in lead]
     events += [(t.ttft_s + step * i, e) for i, e in enumerate(tokens)]
     events += [(last, e) for e in tail]
-    cut = False
-    if call.fault is not None and call.fault.kind in ("cut", "malformed"):
+    stop = None
+    if call.fault is not None and call.fault.kind in ("cut", "stall", "malformed"):
         after = min(call.fault_after(), len(events))
-        if call.fault.kind == "cut":
+        if call.fault.kind != "malformed":
             del events[after:]
-            cut = True
+            stop = call.fault.kind
         else:
             events.insert(after, (events[after - 1][0] if after else 0.0, bad_line))
 
@@ -170,8 +179,10 @@ async def send_events(
             batch.append(frame)
         if batch:
             await resp.write(b"".join(batch))
+        if stop == "stall":
+            await _until_gone(call.request, call.state.stopping)
     except ConnectionError:  # the client went away mid-stream
         return resp
-    if cut:
+    if stop is not None:
         close_connection(call.request)
     return resp
