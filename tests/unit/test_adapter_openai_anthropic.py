@@ -214,6 +214,7 @@ def test_json_schema_response_format_puts_the_schema_in_the_system_prompt() -> N
     ("body", "names"),
     [
         ({"n": 2, "messages": [{"role": "user", "content": "x"}]}, "n"),
+        ({"temperature": "hot", "messages": [{"role": "user", "content": "x"}]}, "temperature"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "function", "name": "f", "content": "x"}]}, "messages[0]"),
         (

@@ -226,8 +226,11 @@ def to_messages_body(body: Mapping[str, Any], route: Route) -> dict[str, Any]:
     stop = body.get("stop")
     if stop:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
-    if body.get("temperature") is not None:
-        out["temperature"] = min(float(body["temperature"]), 1.0)
+    temperature = body.get("temperature")
+    if temperature is not None:
+        if not isinstance(temperature, int | float) or isinstance(temperature, bool):
+            raise BadRequest("temperature: a number is required")
+        out["temperature"] = min(float(temperature), 1.0)
     if body.get("top_p") is not None:
         out["top_p"] = body["top_p"]
     if body.get("tools"):
