@@ -109,22 +109,29 @@ def _need_owner(owner: str | None) -> str:
 
 
 def _serve(
-    settings: Settings, on_ready: Callable[[Any], None], *, with_worker: bool = False
+    settings: Settings,
+    on_ready: Callable[[Any], None],
+    *,
+    with_worker: bool = False,
+    gateway_only: bool = False,
 ) -> None:
     """Run the app under uvicorn; call ``on_ready(platform)`` once the socket is listening.
 
     ``with_worker``: also run background jobs in this process (the one-process deployment).
+    ``gateway_only``: serve the LLM gateway's API alone, at the root.
     """
     import uvicorn
+    import uvloop
 
     from ragplane.observe.logging import configure_logging
-    from ragplane.platform import Platform, create_app
+    from ragplane.platform import Platform, create_app, create_gateway_app
 
     configure_logging(settings.log_level, settings.log_format)
     platform = Platform(settings)
+    make_app = create_gateway_app if gateway_only else create_app
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(settings, platform=platform),
+            make_app(settings, platform=platform),
             host=settings.host,
             port=settings.port,
             log_level="warning",
@@ -165,7 +172,7 @@ def _serve(
     previous = {sig: signal.signal(sig, exit_quietly) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with contextlib.suppress(SystemExit):
-            asyncio.run(run())
+            uvloop.run(run())
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -211,17 +218,24 @@ def up(
 
 @app.command()
 def serve(
+    what: Annotated[
+        str,
+        typer.Argument(help="'all' (edge, AI service and gateway at /gateway) or 'gateway'."),
+    ] = "all",
     host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Serve the API with the settings as configured (production entry point)."""
+    if what not in ("all", "gateway"):
+        raise typer.BadParameter(f"expected 'all' or 'gateway', got {what!r}", param_hint="WHAT")
     settings = _settings(config, host=host, port=port)
 
     def announce(_: Any) -> None:
-        err.print(f"ragplane serving on http://{settings.host}:{settings.port}")
+        name = "ragplane gateway" if what == "gateway" else "ragplane"
+        err.print(f"{name} serving on http://{settings.host}:{settings.port}")
 
-    _serve(settings, announce)
+    _serve(settings, announce, gateway_only=what == "gateway")
 
 
 @app.command()

@@ -15,6 +15,10 @@ from typing import TYPE_CHECKING
 import anyio
 import httpx
 from fastapi import FastAPI
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Mount
+from starlette.types import Receive, Scope, Send
 
 from ragplane import __version__
 from ragplane.config import Region, Settings
@@ -34,6 +38,7 @@ from ragplane.edge.errors import install_error_handlers
 from ragplane.edge.middleware import RequestContextMiddleware
 from ragplane.edge.tenancy import Edge
 from ragplane.errors import ConfigError
+from ragplane.gateway.runtime import Gateway
 from ragplane.observe.logging import get_logger
 from ragplane.service.api import router as platform_router
 from ragplane.service.documents import router as documents_router
@@ -43,7 +48,7 @@ if TYPE_CHECKING:
     from ragplane.knowledge.ingest import Ingestor
     from ragplane.knowledge.jobs import IngestQueue
 
-__all__ = ["DEMO_TENANTS", "Platform", "create_app", "database_urls"]
+__all__ = ["DEMO_TENANTS", "Platform", "create_app", "create_gateway_app", "database_urls"]
 
 log = get_logger("ragplane.platform")
 
@@ -87,6 +92,7 @@ class Platform:
         self.ingestor: Ingestor | None = None
         self.ingest_queue: IngestQueue | None = None
         self._http: httpx.AsyncClient | None = None
+        self.gateway: Gateway | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -105,11 +111,14 @@ class Platform:
             timeout_s=s.database.connect_timeout_s,
         )
         await self.db.open()
+        registry = TenantRegistry(self.db, ttl_s=s.edge.tenant_cache_s)
         self.edge = Edge(
             authenticator=Authenticator(self._verifier(), self.db),
-            registry=TenantRegistry(self.db, ttl_s=s.edge.tenant_cache_s),
+            registry=registry,
             dev_mode=s.dev_mode,
         )
+        self.gateway = Gateway(s, self.db, registry=registry)
+        await self.gateway.start()
         await self._start_knowledge()
 
     async def _start_knowledge(self) -> None:
@@ -226,6 +235,8 @@ class Platform:
                 await add_tenant(session, t.id, name=t.name, home_region=t.region, exist_ok=True)
 
     async def stop(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop()  # drains the ledger: before the database closes
         if self.db is not None:
             await self.db.close()
         if self._http is not None:
@@ -279,4 +290,38 @@ def create_app(settings: Settings, *, platform: Platform | None = None) -> FastA
     app.add_middleware(RequestContextMiddleware, trusted_proxies=settings.edge.trusted_proxies)
     app.include_router(platform_router)
     app.include_router(documents_router)
+    app.mount("/gateway", _GatewayMount(plat))
     return app
+
+
+class _GatewayMount:
+    """The in-process LLM gateway at ``/gateway`` (its app exists once the platform started)."""
+
+    def __init__(self, platform: Platform) -> None:
+        self._platform = platform
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gateway = self._platform.gateway
+        if gateway is None:
+            response = JSONResponse({"error": {"code": "starting", "message": "not started"}}, 503)
+            await response(scope, receive, send)
+            return
+        await gateway.app(scope, receive, send)
+
+
+def create_gateway_app(settings: Settings, *, platform: Platform | None = None) -> Starlette:
+    """The gateway alone (``ragplane serve gateway``), with the platform's lifecycle."""
+    owned = platform is None
+    plat = platform if platform is not None else Platform(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if owned:
+            await plat.start()
+        try:
+            yield
+        finally:
+            if owned:
+                await plat.stop()
+
+    return Starlette(routes=[Mount("/", _GatewayMount(plat))], lifespan=lifespan)

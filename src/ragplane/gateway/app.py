@@ -1,0 +1,273 @@
+"""The gateway's HTTP API: OpenAI- and Anthropic-compatible, its own ASGI app.
+
+``/v1/chat/completions``, ``/v1/embeddings`` and ``/v1/models`` speak OpenAI's wire
+protocol, ``/v1/messages`` Anthropic's (``/v1/models`` answers in Anthropic's shape
+when the caller sends ``anthropic-version``). ``/v1/health/routes`` shows each route's
+breaker state and latency. Errors come in the caller's protocol's own shape, so the
+official SDKs raise their usual exception types. Every response carries
+``x-request-id`` and ``x-ragplane-overhead-ms``: the time spent inside the gateway,
+that is the whole handling time minus the time spent waiting for the provider.
+
+The app is plain Starlette (not FastAPI) and bodies are parsed with orjson: this is
+the hot path of every LLM call and its CPU budget is about a millisecond.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route as HttpRoute
+
+from ragplane.edge.middleware import new_request_id
+from ragplane.errors import ApiError, BadRequest, GatewayError
+from ragplane.gateway.apierrors import render_error
+from ragplane.gateway.auth import GatewayAuth, GatewayPrincipal
+from ragplane.gateway.router import Call, Router
+from ragplane.gateway.types import Api, Breaker, BreakerState
+from ragplane.observe.logging import get_logger
+from ragplane.observe.tracecontext import TraceContext
+
+__all__ = ["GatewayApp", "create_gateway_app"]
+
+log = get_logger("ragplane.gateway")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_PASS_HEADERS = ("anthropic-version", "anthropic-beta")
+_JSON = "application/json"
+
+
+class _Begun:
+    """What every handler knows after authentication."""
+
+    __slots__ = ("principal", "request_id", "started", "trace")
+
+    def __init__(self, started: float, request_id: str) -> None:
+        self.started = started
+        self.request_id = request_id
+        self.principal: GatewayPrincipal | None = None
+        self.trace: TraceContext | None = None
+
+
+class GatewayApp:
+    """Handlers over one :class:`Router`; ``app`` is the Starlette application."""
+
+    def __init__(self, router: Router, auth: GatewayAuth, breaker: Breaker) -> None:
+        self.router = router
+        self.auth = auth
+        self.breaker = breaker
+        self.app = Starlette(
+            routes=[
+                HttpRoute("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                HttpRoute("/v1/messages", self.messages, methods=["POST"]),
+                HttpRoute("/v1/embeddings", self.embeddings, methods=["POST"]),
+                HttpRoute("/v1/models", self.models, methods=["GET"]),
+                HttpRoute("/v1/health/routes", self.route_health, methods=["GET"]),
+            ]
+        )
+
+    # -- handlers --------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._call(request, "openai", "chat")
+
+    async def messages(self, request: Request) -> Response:
+        return await self._call(request, "anthropic", "chat")
+
+    async def embeddings(self, request: Request) -> Response:
+        return await self._call(request, "openai", "embeddings")
+
+    async def models(self, request: Request) -> Response:
+        api: Api = "anthropic" if "anthropic-version" in request.headers else "openai"
+        begun = _Begun(time.perf_counter(), new_request_id())
+        try:
+            await self._authenticate(request, begun)
+        except (ApiError, GatewayError) as exc:
+            return _error(api, exc, begun)
+        names = sorted(self.router.aliases())
+        payload: dict[str, Any]
+        if api == "anthropic":
+            data = [
+                {
+                    "type": "model",
+                    "id": n,
+                    "display_name": n,
+                    "created_at": "1970-01-01T00:00:00Z",
+                }
+                for n in names
+            ]
+            payload = {
+                "data": data,
+                "has_more": False,
+                "first_id": names[0] if names else None,
+                "last_id": names[-1] if names else None,
+            }
+        else:
+            payload = {
+                "object": "list",
+                "data": [
+                    {"id": n, "object": "model", "created": 0, "owned_by": "ragplane"}
+                    for n in names
+                ],
+            }
+        return _json(payload, begun)
+
+    async def route_health(self, request: Request) -> Response:
+        begun = _Begun(time.perf_counter(), new_request_id())
+        try:
+            await self._authenticate(request, begun)
+        except (ApiError, GatewayError) as exc:
+            return _error("openai", exc, begun)
+        aliases = {}
+        for alias, routes in self.router.aliases().items():
+            healths = [await self.breaker.health(r) for r in routes]
+            states = {h.state for h in healths}
+            if states <= {BreakerState.OPEN}:
+                status = "offline_cache"
+            elif states == {BreakerState.CLOSED}:
+                status = "ok"
+            else:
+                status = "degraded"
+            aliases[alias] = {
+                "status": status,
+                "routes": [
+                    {
+                        "route": h.route,
+                        "provider": r.provider_name,
+                        "model": r.model.upstream,
+                        "state": str(h.state),
+                        "calls": h.calls,
+                        "error_rate": h.error_rate,
+                        "p50_ms": h.p50_ms,
+                        "p95_ms": h.p95_ms,
+                    }
+                    for h, r in zip(healths, routes, strict=True)
+                ],
+            }
+        return _json({"aliases": aliases}, begun)
+
+    # -- the call path ---------------------------------------------------------------
+
+    async def _authenticate(self, request: Request, begun: _Begun) -> GatewayPrincipal:
+        headers = request.headers
+        key = headers.get("x-api-key")
+        if key is None:
+            scheme, _, credential = headers.get("authorization", "").partition(" ")
+            key = credential.strip() if scheme.lower() == "bearer" else None
+        principal = await self.auth.authenticate(key, headers.get("x-tenant-id"))
+        begun.principal = principal
+        if principal.service:
+            # a platform service continues its own request id and trace
+            incoming = headers.get("x-request-id")
+            if incoming and _REQUEST_ID.fullmatch(incoming):
+                begun.request_id = incoming
+            begun.trace = TraceContext.continue_from(headers.get("traceparent"))
+        return principal
+
+    async def _call(self, request: Request, api: Api, kind: str) -> Response:
+        begun = _Begun(time.perf_counter(), new_request_id())
+        try:
+            principal = await self._authenticate(request, begun)
+            body = _parse_body(await request.body())
+            alias = _alias(body)
+            headers = request.headers
+            call = Call(
+                api=api,
+                alias=alias,
+                body=body,
+                tenant_id=principal.tenant_id,
+                request_id=begun.request_id,
+                stream=kind == "chat" and body.get("stream") is True,
+                kind="embeddings" if kind == "embeddings" else "chat",
+                feature_id=headers.get("x-feature-id"),
+                trace_id=(begun.trace or TraceContext.mint()).trace_id,
+                pool="batch" if headers.get("x-ragplane-pool") == "batch" else "interactive",
+                headers={h: headers[h] for h in _PASS_HEADERS if h in headers},
+            )
+            if call.stream:
+                result = await self.router.stream(call)
+                return StreamingResponse(
+                    _guarded(result.frames),
+                    media_type="text/event-stream",
+                    headers=_ids(begun, _overhead(begun, result.upstream_ms))
+                    | {"cache-control": "no-cache", "x-ragplane-route": result.route.name},
+                )
+            done = await self.router.complete(call)
+            content = orjson.dumps(done.body)
+            return Response(
+                content,
+                media_type=_JSON,
+                headers=_ids(begun, _overhead(begun, done.upstream_ms))
+                | {"x-ragplane-route": done.route.name},
+            )
+        except (ApiError, GatewayError) as exc:
+            return _error(api, exc, begun)
+        except Exception as exc:  # a bug: still the caller's error shape, with the request id
+            log.exception("gateway_internal_error", request_id=begun.request_id)
+            return _error(api, exc, begun)
+
+
+def _parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def _alias(body: dict[str, Any]) -> str:
+    alias = body.get("model")
+    if not isinstance(alias, str) or not alias:
+        raise BadRequest("'model' is required: the name of a gateway alias")
+    return alias
+
+
+async def _guarded(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    # the router already ends a broken stream with an error event; this only closes the
+    # generator promptly when the client goes away
+    try:
+        async for frame in frames:
+            yield frame
+    finally:
+        aclose = getattr(frames, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _overhead(begun: _Begun, upstream_ms: float) -> float:
+    return max(0.0, (time.perf_counter() - begun.started) * 1000 - upstream_ms)
+
+
+def _ids(begun: _Begun, overhead_ms: float | None = None) -> dict[str, str]:
+    headers = {"x-request-id": begun.request_id}
+    if overhead_ms is None:
+        overhead_ms = (time.perf_counter() - begun.started) * 1000
+    headers["x-ragplane-overhead-ms"] = f"{overhead_ms:.3f}"
+    return headers
+
+
+def _json(payload: dict[str, Any], begun: _Begun) -> Response:
+    return Response(orjson.dumps(payload), media_type=_JSON, headers=_ids(begun))
+
+
+def _error(api: Api, exc: Exception, begun: _Begun) -> Response:
+    if isinstance(exc, GatewayError) and exc.request_id is None:
+        exc.request_id = begun.request_id
+    rendered = render_error(api, exc, begun.request_id)
+    if rendered.status >= 500:
+        log.warning("gateway_error", status=rendered.status, error=str(exc))
+    return Response(
+        rendered.body, status_code=rendered.status, headers=rendered.headers | _ids(begun)
+    )
+
+
+def create_gateway_app(router: Router, auth: GatewayAuth, breaker: Breaker) -> Starlette:
+    return GatewayApp(router, auth, breaker).app

@@ -1,0 +1,99 @@
+"""Who may call the gateway, and for which tenant.
+
+Two kinds of gateway keys, sent as ``Authorization: Bearer <key>`` (OpenAI SDK) or
+``x-api-key: <key>`` (Anthropic SDK):
+
+- a **service key** (``gateway.service_keys``): a platform service such as the AI
+  service; it acts for the tenant named in ``X-Tenant-Id``, which must be registered;
+- a **virtual key**: a tenant-bound API key from the control plane (``ragplane keys
+  create --scope gateway``); the tenant comes from the key, and an ``X-Tenant-Id``
+  naming another tenant is refused.
+
+Verified keys are cached for ``edge.tenant_cache_s`` (5 s by default): a revoked key
+stops working within that time, and the hot path makes no database round trip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from dataclasses import dataclass
+
+from ragplane.control.apikeys import KEY_PREFIX, find_api_key
+from ragplane.control.tenants import TenantRegistry
+from ragplane.data.db import Database
+from ragplane.errors import Forbidden, TenantNotFound, Unauthorized
+
+__all__ = ["GATEWAY_SCOPE", "GatewayAuth", "GatewayPrincipal"]
+
+GATEWAY_SCOPE = "gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayPrincipal:
+    tenant_id: str
+    service: bool  # a service key: request ids from the caller are honoured
+    key_id: str
+
+
+class GatewayAuth:
+    def __init__(
+        self,
+        *,
+        service_keys: tuple[str, ...],
+        db: Database | None,
+        registry: TenantRegistry | None,
+        cache_s: float = 5.0,
+    ) -> None:
+        self._service = tuple(hashlib.sha256(k.encode()).digest() for k in service_keys)
+        self._db = db
+        self._registry = registry
+        self._cache_s = cache_s
+        self._virtual: dict[bytes, tuple[float, str, str]] = {}  # hash → (expiry, tenant, key id)
+
+    async def authenticate(self, key: str | None, tenant_header: str | None) -> GatewayPrincipal:
+        if not key:
+            raise Unauthorized("a gateway key is required (Authorization: Bearer, or x-api-key)")
+        digest = hashlib.sha256(key.encode()).digest()
+        for i, known in enumerate(self._service):
+            if hmac.compare_digest(digest, known):
+                if not tenant_header:
+                    raise Forbidden("a service key must name the tenant in X-Tenant-Id")
+                await self._require_tenant(tenant_header)
+                return GatewayPrincipal(
+                    tenant_id=tenant_header, service=True, key_id=f"service:{i}"
+                )
+        tenant_id, key_id = await self._virtual_key(key, digest)
+        if tenant_header and tenant_header != tenant_id:
+            raise Forbidden("X-Tenant-Id names another tenant than the key's")
+        return GatewayPrincipal(tenant_id=tenant_id, service=False, key_id=key_id)
+
+    async def _virtual_key(self, key: str, digest: bytes) -> tuple[str, str]:
+        now = time.monotonic()
+        cached = self._virtual.get(digest)
+        if cached is not None and cached[0] > now:
+            return cached[1], cached[2]
+        if self._db is None or not key.startswith(KEY_PREFIX):
+            raise Unauthorized("gateway key is not valid", code="invalid_api_key")
+        async with self._db.control() as session:
+            found = await find_api_key(session, key)
+        if found is None or found.revoked:
+            self._virtual.pop(digest, None)
+            raise Unauthorized(
+                "gateway key is not valid (unknown or revoked)", code="invalid_api_key"
+            )
+        if GATEWAY_SCOPE not in found.scopes:
+            raise Forbidden(f"this API key lacks the {GATEWAY_SCOPE!r} scope")
+        if len(self._virtual) > 10_000:
+            self._virtual.clear()
+        self._virtual[digest] = (now + self._cache_s, found.tenant_id, found.id)
+        return found.tenant_id, found.id
+
+    async def _require_tenant(self, tenant_id: str) -> None:
+        if self._registry is None:
+            return
+        try:
+            await self._registry.get(tenant_id)
+        except TenantNotFound as exc:
+            raise Forbidden(f"tenant {tenant_id!r} is not registered") from exc

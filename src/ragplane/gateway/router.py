@@ -1,0 +1,485 @@
+"""Aliases to routes, and the attempt loop around one call.
+
+For a call to an alias the router tries its routes in order (or in a weighted random
+order), routes it last saw unhealthy at the end, then the alias's fallback aliases.
+Each route gets attempts bounded by its retry policy (count and total time, full
+jitter, ``Retry-After``), each attempt inside a bulkhead slot and a breaker admission.
+
+A retry happens only before the first byte reached the caller: for a stream, the
+router waits for the upstream's first body chunk before it answers the caller at
+all, so every failure up to that point is still retryable or can fail over; after
+it, a failure ends the caller's stream with an explicit error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, cast
+
+from ragplane.config import GatewaySettings
+from ragplane.errors import (
+    GatewayError,
+    NoHealthyRoute,
+    StreamInterrupted,
+    UnknownAlias,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from ragplane.gateway.apierrors import upstream_error
+from ragplane.gateway.bulkhead import Bulkhead
+from ragplane.gateway.ledger import LedgerSink
+from ragplane.gateway.pricing import cost_usd
+from ragplane.gateway.providers import adapter_for, embeddings_adapter
+from ragplane.gateway.retry import RetryBudget
+from ragplane.gateway.sse import SseDecoder
+from ragplane.gateway.types import (
+    Admission,
+    Api,
+    Breaker,
+    BreakerState,
+    LedgerEntry,
+    Pool,
+    Route,
+    StreamTranslator,
+    Transport,
+    UpstreamResponse,
+    Usage,
+)
+from ragplane.observe.logging import get_logger
+
+__all__ = ["Call", "Completion", "Router", "StreamResult"]
+
+log = get_logger("ragplane.gateway")
+
+T = TypeVar("T")
+CallKind = Literal["chat", "embeddings"]
+_RANK = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.DEGRADED: 1}
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One caller request, already authenticated and parsed."""
+
+    api: Api
+    alias: str
+    body: dict[str, Any]
+    tenant_id: str
+    request_id: str
+    stream: bool = False
+    kind: CallKind = "chat"
+    feature_id: str | None = None
+    trace_id: str | None = None
+    pool: Pool = "interactive"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    body: dict[str, Any]
+    route: Route
+    usage: Usage
+    attempts: int
+    upstream_ms: float  # time spent waiting for providers, every attempt
+
+
+@dataclass(slots=True)
+class StreamResult:
+    """A stream whose first upstream chunk has arrived; ``frames`` yields caller bytes."""
+
+    route: Route
+    frames: AsyncIterator[bytes]
+    upstream_ms: float  # waiting for providers until the first chunk, every attempt
+
+
+@dataclass(slots=True)
+class _Tally:
+    started: float
+    attempts: int = 0
+    upstream_s: float = 0.0
+    route: Route | None = None
+    last_error: GatewayError | None = None
+
+
+_FAIL_OVER: Any = object()
+
+
+async def _raise_for_status(route: Route, response: UpstreamResponse) -> None:
+    if response.status >= 400:
+        data = await response.read()
+        raise upstream_error(route.upstream_api, response.status, response.headers, data)
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
+
+
+class Router:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        transports: Mapping[str, Transport],
+        breaker: Breaker,
+        bulkhead: Bulkhead,
+        ledger: LedgerSink | None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self._transports = transports
+        self._breaker = breaker
+        self._bulkhead = bulkhead
+        self._ledger = ledger
+        self._rng = rng or random.Random()  # noqa: S311 - routing, not security
+        self._routes = {alias: self._build_routes(alias) for alias in settings.aliases}
+        self._seen: dict[str, BreakerState] = {}
+
+    # -- plans -------------------------------------------------------------------------
+
+    def _build_routes(self, alias: str) -> tuple[Route, ...]:
+        policy = self.settings.aliases[alias]
+        routes = []
+        for r in policy.routes:
+            model = self.settings.models[r.model]
+            routes.append(
+                Route(
+                    alias=alias,
+                    name=f"{alias}/{r.model}",
+                    model_key=r.model,
+                    model=model,
+                    provider_name=model.provider,
+                    provider=self.settings.providers[model.provider],
+                    policy=policy,
+                )
+            )
+        return tuple(routes)
+
+    def aliases(self) -> Mapping[str, tuple[Route, ...]]:
+        return self._routes
+
+    def plan(self, alias: str) -> list[Route]:
+        """Routes to try, in order: the alias's own (healthy first), then its fallbacks'."""
+        if alias not in self._routes:
+            raise UnknownAlias(f"model {alias!r} is not a configured alias")
+        plan: list[Route] = []
+        seen_aliases: set[str] = set()
+        queue = [alias]
+        while queue:
+            name = queue.pop(0)
+            if name in seen_aliases:
+                continue
+            seen_aliases.add(name)
+            plan.extend(self._ordered(name))
+            queue.extend(self.settings.aliases[name].fallbacks)
+        return plan
+
+    def _ordered(self, alias: str) -> list[Route]:
+        routes = list(self._routes[alias])
+        if self.settings.aliases[alias].strategy == "weighted" and len(routes) > 1:
+            routes = self._weighted_order(routes)
+        # stable: the configured (or drawn) order holds among routes of equal health
+        return sorted(
+            routes, key=lambda r: _RANK.get(self._seen.get(r.name, BreakerState.CLOSED), 2)
+        )
+
+    def _weighted_order(self, routes: list[Route]) -> list[Route]:
+        weights = {
+            r.name: next(x.weight for x in r.policy.routes if x.model == r.model_key)
+            for r in routes
+        }
+        order: list[Route] = []
+        pool = [r for r in routes if weights[r.name] > 0]
+        while pool:
+            pick = self._rng.choices(pool, weights=[weights[r.name] for r in pool])[0]
+            order.append(pick)
+            pool.remove(pick)
+        return order + [r for r in routes if weights[r.name] == 0]
+
+    def _note(self, route: Route, state: BreakerState) -> None:
+        self._seen[route.name] = state
+
+    # -- calls -------------------------------------------------------------------------
+
+    async def complete(self, call: Call) -> Completion:
+        """A non-streaming call: the whole answer, after retries and failover."""
+        tally = _Tally(started=time.perf_counter())
+
+        async def attempt(route: Route) -> Completion:
+            adapter = (
+                embeddings_adapter(route)
+                if call.kind == "embeddings"
+                else adapter_for(call.api, route)
+            )
+            request = adapter.build_request(call.body, route, headers=call.headers)
+            timeouts = route.policy.timeouts
+            sent = time.perf_counter()
+            try:
+                async with asyncio.timeout(timeouts.total_s):
+                    response = await self._send(route, request, timeouts.connect_s, timeouts.ttft_s)
+                    try:
+                        data = await response.read()
+                    finally:
+                        await response.aclose()
+            except TimeoutError as exc:
+                raise UpstreamTimeout(
+                    f"no complete answer within {timeouts.total_s:g} s", phase="total"
+                ) from exc
+            finally:
+                tally.upstream_s += time.perf_counter() - sent
+            if response.status >= 400:
+                raise upstream_error(route.upstream_api, response.status, response.headers, data)
+            body, usage = adapter.parse_response(data, route)
+            return Completion(
+                body=body,
+                route=route,
+                usage=usage,
+                attempts=tally.attempts,
+                upstream_ms=tally.upstream_s * 1000,
+            )
+
+        try:
+            result = await self._run(call, tally, attempt)
+        except GatewayError as exc:
+            self._account(call, tally, None, None, exc, ttft_ms=None)
+            raise
+        self._account(call, tally, result.route, result.usage, None, ttft_ms=None)
+        return result
+
+    async def stream(self, call: Call) -> StreamResult:
+        """A streaming call: returns once the first upstream chunk arrived."""
+        tally = _Tally(started=time.perf_counter())
+        include_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
+
+        async def attempt(route: Route) -> StreamResult:
+            adapter = adapter_for(call.api, route)
+            request = adapter.build_request(call.body, route, headers=call.headers)
+            timeouts = route.policy.timeouts
+            sent = time.perf_counter()
+            response = await self._send(route, request, timeouts.connect_s, timeouts.ttft_s)
+            try:
+                await _raise_for_status(route, response)
+                translator = adapter.stream_translator(route, include_usage=include_usage)
+                decoder = SseDecoder()
+                chunks = response.iter_chunks(idle_s=timeouts.idle_s)
+                first: list[bytes] = []
+                # the first body chunk is still "before the first byte": a failure here
+                # retries (the transport bounds its wait by ttft_s)
+                while not first:
+                    try:
+                        chunk = await anext(chunks)
+                    except StopAsyncIteration:
+                        raise UpstreamProtocolError("the stream ended before any event") from None
+                    for event in decoder.feed(chunk):
+                        first.extend(translator.feed(event))
+                    if translator.finished:
+                        break
+            except BaseException:
+                await response.aclose()
+                raise
+            ttft_ms = (time.perf_counter() - sent) * 1000
+            tally.upstream_s += time.perf_counter() - sent
+            frames = self._relay(
+                call, tally, route, response, chunks, decoder, translator, first, ttft_ms
+            )
+            return StreamResult(route=route, frames=frames, upstream_ms=tally.upstream_s * 1000)
+
+        try:
+            return await self._run(call, tally, attempt)
+        except GatewayError as exc:
+            self._account(call, tally, None, None, exc, ttft_ms=None)
+            raise
+
+    async def _relay(
+        self,
+        call: Call,
+        tally: _Tally,
+        route: Route,
+        response: UpstreamResponse,
+        chunks: AsyncIterator[bytes],
+        decoder: SseDecoder,
+        translator: StreamTranslator,
+        first: list[bytes],
+        ttft_ms: float,
+    ) -> AsyncIterator[bytes]:
+        """After the first byte: forward, and end with an error event, never silently."""
+        error: GatewayError | None = None
+        closed_early = True
+        deadline = tally.started + route.policy.timeouts.total_s
+        try:
+            for frame in first:
+                yield frame
+            if not translator.finished:
+                async with asyncio.timeout_at(
+                    asyncio.get_running_loop().time() + max(0.0, deadline - time.perf_counter())
+                ):
+                    async for chunk in chunks:
+                        for event in decoder.feed(chunk):
+                            for frame in translator.feed(event):
+                                yield frame
+                        if translator.finished:
+                            break
+            if not translator.finished:
+                raise StreamInterrupted("the provider's stream ended without its final event")
+            closed_early = False
+        except TimeoutError:
+            error = StreamInterrupted(
+                f"the stream passed its total timeout of {route.policy.timeouts.total_s:g} s"
+            )
+        except GatewayError as exc:
+            error = (
+                exc
+                if isinstance(exc, StreamInterrupted)
+                else StreamInterrupted(f"the stream broke: {exc.message}")
+            )
+        finally:
+            await response.aclose()
+            if closed_early and error is None:
+                # the caller went away mid-stream: still one ledger row, with what was used
+                self._account(
+                    call,
+                    tally,
+                    route,
+                    translator.usage or Usage(),
+                    None,
+                    ttft_ms=ttft_ms,
+                    status="client_closed",
+                )
+        if error is not None:
+            error.provider, error.route, error.request_id = (
+                route.provider_name,
+                route.name,
+                call.request_id,
+            )
+            log.warning("stream_interrupted", route=route.name, error=error.message)
+            await self._breaker.record(
+                route, Admission(True, BreakerState.CLOSED), ok=False, latency_ms=ttft_ms
+            )
+            for frame in translator.error_frames(error.code, error.message, call.request_id):
+                yield frame
+        self._account(call, tally, route, translator.usage or Usage(), error, ttft_ms=ttft_ms)
+
+    async def _send(
+        self, route: Route, request: Any, connect_s: float, ttft_s: float
+    ) -> UpstreamResponse:
+        transport = self._transports[route.provider_name]
+        return await transport.send(request, connect_s=connect_s, ttft_s=ttft_s)
+
+    async def _run(
+        self,
+        call: Call,
+        tally: _Tally,
+        attempt: Callable[[Route], Awaitable[T]],
+    ) -> T:
+        plan = self.plan(call.alias)
+        budget = RetryBudget(self.settings.aliases[call.alias].retry, rng=self._rng)
+        for route in plan:
+            if (call.kind == "embeddings") != (route.model.kind == "embedding"):
+                continue
+            budget.begin_route()
+            # the slot is held across this route's retries; BulkheadFull goes to the caller
+            async with self._bulkhead.slot(call.tenant_id, route.name, call.pool):
+                result = await self._on_route(call, route, tally, budget, attempt)
+            if result is not _FAIL_OVER:
+                return cast("T", result)
+        if tally.last_error is not None:
+            raise tally.last_error
+        raise NoHealthyRoute(
+            f"every route of {call.alias!r} is unavailable (circuit open)",
+            request_id=call.request_id,
+        )
+
+    async def _on_route(
+        self,
+        call: Call,
+        route: Route,
+        tally: _Tally,
+        budget: RetryBudget,
+        attempt: Callable[[Route], Awaitable[Any]],
+    ) -> Any:
+        """Attempts on one route: its result, or ``_FAIL_OVER``; raises to give up."""
+        while True:
+            admission = await self._breaker.acquire(route)
+            self._note(route, admission.state)
+            if not admission.allowed:
+                return _FAIL_OVER
+            tally.attempts += 1
+            tally.route = route
+            started = time.perf_counter()
+            try:
+                result = await attempt(route)
+            except GatewayError as exc:
+                exc.provider, exc.route, exc.attempt = (
+                    route.provider_name,
+                    route.name,
+                    tally.attempts,
+                )
+                exc.request_id = call.request_id
+                tally.last_error = exc
+                # caller mistakes (4xx) do not count against the route
+                state = await self._breaker.record(
+                    route, admission, ok=not exc.retryable, latency_ms=_ms_since(started)
+                )
+                self._note(route, state)
+                decision = budget.decide(exc)
+                log.info(
+                    "upstream_attempt_failed",
+                    route=route.name,
+                    attempt=tally.attempts,
+                    error=exc.code,
+                    decision=decision.action,
+                )
+                if decision.action == "give_up":
+                    raise
+                if decision.action == "fail_over":
+                    return _FAIL_OVER
+                await budget.sleep(decision.delay_s)
+                continue
+            except BaseException:
+                # cancelled (the caller went away) or a bug: a probe lease must not leak
+                await self._breaker.record(route, admission, ok=True, latency_ms=0.0)
+                raise
+            state = await self._breaker.record(
+                route, admission, ok=True, latency_ms=_ms_since(started)
+            )
+            self._note(route, state)
+            return result
+
+    def _account(
+        self,
+        call: Call,
+        tally: _Tally,
+        route: Route | None,
+        usage: Usage | None,
+        error: GatewayError | None,
+        *,
+        ttft_ms: float | None,
+        status: str | None = None,
+    ) -> None:
+        if self._ledger is None:
+            return
+        usage = usage or Usage()
+        route = route or tally.route
+        self._ledger.submit(
+            LedgerEntry(
+                request_id=call.request_id,
+                tenant_id=call.tenant_id,
+                alias=call.alias,
+                route=route.name if route else None,
+                provider=route.provider_name if route else None,
+                model=route.model.upstream if route else None,
+                api=call.api,
+                stream=call.stream,
+                status=status or ("ok" if error is None else error.code),
+                http_status=200 if error is None else error.status_code,
+                attempts=tally.attempts,
+                usage=usage,
+                cost_usd=cost_usd(usage, route.model) if route else 0.0,
+                latency_ms=(time.perf_counter() - tally.started) * 1000,
+                ttft_ms=ttft_ms,
+                feature_id=call.feature_id,
+                trace_id=call.trace_id,
+            )
+        )
