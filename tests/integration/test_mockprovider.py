@@ -762,3 +762,29 @@ async def test_stopping_releases_hanging_requests() -> None:
         # the server closed the connection instead of waiting for the shutdown timeout
         with pytest.raises(aiohttp.ServerDisconnectedError):
             await pending
+
+
+async def test_bodies_of_the_wrong_shape_are_400_in_the_api_shape(mock: MockProvider) -> None:
+    openai_auth = {"Authorization": f"Bearer {KEY}"}
+    claude_auth = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
+    cases = [
+        ("/v1/chat/completions", openai_auth, {"model": "m"}),
+        ("/v1/chat/completions", openai_auth, {"model": "m", "messages": ["hi"]}),
+        ("/v1/chat/completions", openai_auth, [1, 2]),
+        ("/v1/embeddings", openai_auth, {"model": "e", "input": [3.5]}),
+        ("/v1/messages", claude_auth, {"model": "c", "messages": HELLO}),  # no max_tokens
+        (
+            "/v1/messages",
+            claude_auth,
+            {"model": "c", "max_tokens": 5, "messages": HELLO, "system": 7},
+        ),
+    ]
+    for path, headers, body in cases:
+        status, _, data = await raw("POST", mock.url + path, body, headers)
+        assert status == 400, (path, body)
+        error = json.loads(data)
+        if path == "/v1/messages":
+            assert error["type"] == "error"
+            assert error["error"]["type"] == "invalid_request_error"
+        else:
+            assert error["error"]["type"] == "invalid_request_error"

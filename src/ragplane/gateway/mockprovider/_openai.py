@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -111,6 +112,17 @@ def _usage(call: Call, prompt: int, completion: int) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    id: str
+    created: int
+    model: str
+    pieces: list[str]  # content, or the tool call's arguments
+    tool_call: dict[str, Any] | None
+    finish: str
+    usage: dict[str, Any]
+
+
 async def chat_completions(call: Call) -> web.StreamResponse:
     body = call.body
     model, messages = body.get("model"), body.get("messages")
@@ -120,11 +132,10 @@ async def chat_completions(call: Call) -> web.StreamResponse:
         return error(400, "Each message must be an object.")
     tools = body.get("tools") or []
     prompt = sum(
-        4 + (text_tokens(m["content"]) if isinstance(m.get("content"), str) else 0)
+        4 + text_tokens(m["content"])
+        if isinstance(m.get("content"), str)
+        else (len(orjson.dumps(m)) + 3) // 4
         for m in messages
-    )
-    prompt += sum(
-        (len(orjson.dumps(m)) + 3) // 4 for m in messages if not isinstance(m.get("content"), str)
     )
     if tools:
         prompt += (len(orjson.dumps(tools)) + 3) // 4
@@ -136,11 +147,8 @@ async def chat_completions(call: Call) -> web.StreamResponse:
     n = max(1, min(wanted, cap)) if isinstance(cap, int) else wanted
     finish = "length" if n < wanted else "stop"
 
-    tool = (
-        _tool_to_call(call, tools, messages)
-        if tools or "x-mock-tool-call" in call.request.headers
-        else None
-    )
+    forced = "x-mock-tool-call" in call.request.headers
+    tool = _tool_to_call(call, tools, messages) if tools or forced else None
     tool_call: dict[str, Any] | None = None
     if tool is not None:
         args = sample_for_schema(tool.get("parameters", {"type": "object"}), last_user.split())
@@ -153,39 +161,52 @@ async def chat_completions(call: Call) -> web.StreamResponse:
         }
     else:
         pieces = _content_pieces(body.get("response_format"), last_user, n)
-    usage = _usage(call, prompt, len(pieces))
-    cid = f"chatcmpl-mock{call.number}"
-    created = int(time.time())
-    headers = {"x-request-id": call.request_id}
-    if not body.get("stream"):
-        message: dict[str, Any] = {
-            "role": "assistant",
-            "content": None if tool_call else "".join(pieces),
-            "refusal": None,
-            "annotations": [],
-        }
-        if tool_call:
-            message["tool_calls"] = [tool_call]
-        response = {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-            ],
-            "usage": usage,
-            "service_tier": "default",
-            "system_fingerprint": "fp_mock",
-        }
-        return await send_json(call, response, tokens=len(pieces), headers=headers)
+    answer = _Answer(
+        id=f"chatcmpl-mock{call.number}",
+        created=int(time.time()),
+        model=model,
+        pieces=pieces,
+        tool_call=tool_call,
+        finish=finish,
+        usage=_usage(call, prompt, len(pieces)),
+    )
+    return await (_stream(call, answer) if body.get("stream") else _reply(call, answer))
 
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+async def _reply(call: Call, a: _Answer) -> web.StreamResponse:
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": None if a.tool_call else "".join(a.pieces),
+        "refusal": None,
+        "annotations": [],
+    }
+    if a.tool_call:
+        message["tool_calls"] = [a.tool_call]
+    response = {
+        "id": a.id,
+        "object": "chat.completion",
+        "created": a.created,
+        "model": a.model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": a.finish}],
+        "usage": a.usage,
+        "service_tier": "default",
+        "system_fingerprint": "fp_mock",
+    }
+    headers = {"x-request-id": call.request_id}
+    return await send_json(call, response, tokens=len(a.pieces), headers=headers)
+
+
+async def _stream(call: Call, a: _Answer) -> web.StreamResponse:
+    """Role chunk with the first token, one chunk per piece, the finish chunk, the usage
+    chunk (``stream_options.include_usage``; every other chunk then has ``usage: null``),
+    ``[DONE]``."""
+    options = call.body.get("stream_options")
+    include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
     base: dict[str, Any] = {
-        "id": cid,
+        "id": a.id,
         "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
+        "created": a.created,
+        "model": a.model,
         "service_tier": "default",
         "system_fingerprint": "fp_mock",
     }
@@ -196,30 +217,32 @@ async def chat_completions(call: Call) -> web.StreamResponse:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return sse({**base, "choices": [choice]})
 
-    if tool_call:
-        fn = tool_call["function"]
-        first = {"index": 0, "id": tool_call["id"], "type": "function"}
-        lead = [
-            chunk(
-                {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [{**first, "function": {"name": fn["name"], "arguments": ""}}],
-                }
-            )
-        ]
+    if a.tool_call:
+        call_head = {
+            "index": 0,
+            "id": a.tool_call["id"],
+            "type": "function",
+            "function": {"name": a.tool_call["function"]["name"], "arguments": ""},
+        }
+        lead = [chunk({"role": "assistant", "content": None, "tool_calls": [call_head]})]
         tokens = [
-            chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in pieces
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in a.pieces
         ]
     else:
         lead = [chunk({"role": "assistant", "content": "", "refusal": None})]
-        tokens = [chunk({"content": p}) for p in pieces]
-    tail = [chunk({}, finish)]
+        tokens = [chunk({"content": p}) for p in a.pieces]
+    tail = [chunk({}, a.finish)]
     if include_usage:
-        tail.append(sse({**base, "choices": [], "usage": usage}))
+        tail.append(sse({**base, "choices": [], "usage": a.usage}))
     tail.append(_DONE)
     return await send_events(
-        call, lead, tokens, tail, lead_with_first_token=True, bad_line=_BAD_LINE, headers=headers
+        call,
+        lead,
+        tokens,
+        tail,
+        lead_with_first_token=True,
+        bad_line=_BAD_LINE,
+        headers={"x-request-id": call.request_id},
     )
 
 

@@ -94,7 +94,13 @@ async def _serve(
             retry = config.retry_after_s
         headers = {} if retry is None else {"Retry-After": f"{retry:g}"}
         return api.error(fault.status, headers=headers)
-    return await answer(Call(request, state, body, timing, fault, number, f"req_mock{number}"))
+    call = Call(request, state, body, timing, fault, number, f"req_mock{number}")
+    try:
+        return await answer(call)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        # a body of the wrong shape somewhere the handlers do not check field by field
+        log.warning("mock_provider.bad_request", path=request.path, error=repr(exc))
+        return api.error(400, f"The request body has an invalid shape: {exc!r}")
 
 
 def _route(state: MockState, api: _Api | None, answer: Answer) -> Callable[..., Any]:
