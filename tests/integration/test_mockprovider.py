@@ -788,3 +788,17 @@ async def test_bodies_of_the_wrong_shape_are_400_in_the_api_shape(mock: MockProv
             assert error["error"]["type"] == "invalid_request_error"
         else:
             assert error["error"]["type"] == "invalid_request_error"
+
+
+async def test_unknown_routes_are_404_in_the_api_shape(mock: MockProvider) -> None:
+    async with openai.AsyncOpenAI(
+        base_url=mock.url + "/nowhere", api_key=KEY, max_retries=0
+    ) as client:
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(model="m", messages=HELLO)  # type: ignore[arg-type]
+    async with anthropic.AsyncAnthropic(
+        base_url=mock.url + "/nowhere", api_key=KEY, max_retries=0
+    ) as c:
+        with pytest.raises(anthropic.NotFoundError) as err:
+            await c.messages.create(model="c", max_tokens=5, messages=HELLO)  # type: ignore[arg-type]
+    assert err.value.response.json()["error"]["type"] == "not_found_error"

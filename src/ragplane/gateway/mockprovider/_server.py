@@ -161,9 +161,15 @@ def build_app(state: MockState) -> web.Application:
             web.get("/v1/models", _route(state, None, _models)),
             web.post("/v1/messages", _route(state, _ANTHROPIC, _anthropic.messages)),
             *_admin_routes(state),
+            web.route("*", "/{tail:.*}", _not_found),
         ]
     )
     return app
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    api = _ANTHROPIC if "anthropic-version" in request.headers else _OPENAI
+    return api.error(404, f"Unknown route: {request.method} {request.path}")
 
 
 class MockProvider:
