@@ -53,9 +53,9 @@ CLOSED, OPEN, HALF_OPEN, DEGRADED = (
     BreakerState.HALF_OPEN,
     BreakerState.DEGRADED,
 )
-COOLDOWN_S = 0.3
-LEASE_S = 0.5  # the route's total timeout is the probe lease
-WINDOW_S = 1.0
+COOLDOWN_S = 0.5
+LEASE_S = 1.0  # the route's total timeout is the probe lease
+WINDOW_S = 2.0
 
 
 def make_route(name: str = "chat/m1", lease_s: float = LEASE_S, **policy: Any) -> Route:

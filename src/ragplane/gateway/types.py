@@ -208,6 +208,10 @@ class Breaker(Protocol):
         self, route: Route, admission: Admission, *, ok: bool, latency_ms: float
     ) -> BreakerState: ...
 
+    async def release(self, route: Route, admission: Admission) -> None:
+        """Give a probe's lease back without an outcome (the call was cancelled)."""
+        ...
+
     async def health(self, route: Route) -> RouteHealth: ...
 
 
