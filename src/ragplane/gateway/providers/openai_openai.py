@@ -9,6 +9,10 @@ Stream: each upstream event is forwarded as the same data, without parsing, unle
 may carry usage (a cheap regex on ``"usage": {``) or an error. The usage-only chunk the
 gateway asked for is dropped when the caller did not ask for usage itself. The response
 ``model`` is the upstream's (the model that actually served the call).
+
+Auth is ``Authorization: Bearer <api_key>`` when the provider has a key, then the
+provider's ``headers`` (Azure OpenAI keys: leave ``api_key`` unset and put ``api-key`` in
+``headers``).
 """
 
 from __future__ import annotations
