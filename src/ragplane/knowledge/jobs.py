@@ -15,6 +15,11 @@ and queued, or (on any error) neither. A worker runs the job with
 :class:`~ragplane.knowledge.jobrunner.IngestRunner`; a file over the size limit is kept
 as a refusal (no data) and becomes that document's ``too_large`` error.
 
+A job of kind ``switch_model`` (an embedding-model switch, ``ragplane.knowledge.switch``)
+is an ``ingest_jobs`` row too, so its status and progress read the same way (``GET
+/v1/jobs/{id}``); it runs as its own task (``ragplane.switch_model``) with its own
+lock, so ingest jobs of the namespace keep running while it does.
+
 Rerun safety: every run claims the job by incrementing ``attempts`` and writes progress
 and the final status only while ``attempts`` still holds its number, so a run that a
 retry superseded changes nothing; ingestion itself is idempotent (unchanged documents
@@ -40,6 +45,7 @@ from ragplane.data import Database, TenantSession
 from ragplane.data.queue import ENQUEUE_SETTINGS
 from ragplane.errors import DatabaseUnavailable, EmbeddingError
 from ragplane.knowledge.ingest import DocumentError
+from ragplane.knowledge.models import ModelSwitched
 from ragplane.observe.logging import get_logger
 
 __all__ = [
@@ -47,9 +53,12 @@ __all__ = [
     "INGEST_QUEUE",
     "INGEST_TASK",
     "RUNNER_KEY",
+    "SWITCHER_KEY",
+    "SWITCH_TASK",
     "TRANSIENT",
     "IngestJob",
     "IngestQueue",
+    "JobKind",
     "JobStatus",
     "Upload",
     "errors_json",
@@ -64,9 +73,14 @@ INGEST_TASK = "ragplane.ingest"
 INGEST_QUEUE = "ingest"
 RUNNER_KEY = "ragplane.ingest_runner"
 """Key of the :class:`IngestRunner` in the worker's ``additional_context``."""
+SWITCH_TASK = "ragplane.switch_model"
+SWITCHER_KEY = "ragplane.model_switcher"
+"""Key of the :class:`~ragplane.knowledge.switch.ModelSwitcher` in ``additional_context``."""
+JobKind = Literal["ingest", "switch_model"]
 
-# Errors worth another run of the whole job; anything else fails it at once.
-TRANSIENT: tuple[type[BaseException], ...] = (DatabaseUnavailable, EmbeddingError)
+# Errors worth another run of the whole job; anything else fails it at once. A namespace
+# switched to another model mid-job: the rerun embeds with the new model.
+TRANSIENT: tuple[type[BaseException], ...] = (DatabaseUnavailable, EmbeddingError, ModelSwitched)
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,10 @@ class IngestJob:
     started_at: datetime | None
     finished_at: datetime | None
     procrastinate_job_id: int | None
+    kind: JobKind = "ingest"
+    source_model: str | None = None  # a switch: from this model
+    target_model: str | None = None  # a switch: to this model
+    phase: str | None = None  # a switch: embedding, catching_up, swapping, cleanup, done
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> IngestJob:
@@ -112,6 +130,10 @@ class IngestJob:
             started_at=row["started_at"],
             finished_at=row["finished_at"],
             procrastinate_job_id=row["procrastinate_job_id"],
+            kind=row.get("kind", "ingest"),
+            source_model=row.get("source_model"),
+            target_model=row.get("target_model"),
+            phase=row.get("phase"),
         )
 
     @property
@@ -176,6 +198,9 @@ class IngestQueue:
         self._task = app.task(
             name=INGEST_TASK, queue=INGEST_QUEUE, pass_context=True, retry=self.retry
         )(_run_ingest_job)
+        self.switch_task = app.task(
+            name=SWITCH_TASK, queue=INGEST_QUEUE, pass_context=True, retry=self.retry
+        )(_run_switch_job)
 
     async def enqueue(
         self,
@@ -240,6 +265,22 @@ async def _store_uploads(
             "size, data, error_code, error_message) VALUES (%s, %s, %s, %s, %s, %s, %b, %s, %s)",
             rows,
         )
+
+
+async def _run_switch_job(
+    context: procrastinate.JobContext, *, tenant_id: str, job_id: str
+) -> None:
+    """The procrastinate task: run one embedding-model switch (see ``switchrunner``)."""
+    from ragplane.knowledge.switchrunner import ModelSwitcher
+
+    switcher = cast(ModelSwitcher, context.additional_context[SWITCHER_KEY])
+    try:
+        await switcher.run(tenant_id, job_id)
+    except (Exception, asyncio.CancelledError) as exc:
+        policy = cast(_RetryPolicy, context.app.tasks[SWITCH_TASK].retry_strategy)
+        if policy.get_retry_decision(exception=exc, job=context.job) is None:
+            await switcher.fail(tenant_id, job_id, exc)
+        raise
 
 
 async def _run_ingest_job(

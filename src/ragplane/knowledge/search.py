@@ -15,6 +15,15 @@ Fusion is chosen by evaluation (``ragplane bench retrieval``), not by habit:
 Each namespace may override the defaults (``control.kb_namespaces.retrieval``).
 Filtered ANN relies on pgvector's iterative index scans, so a tenant holding a
 small share of the rows still gets its top-k.
+
+**The model.** A query is embedded with the model the namespace is answered with
+(``kb_state.active_model``), which only a model switch changes (together with the
+namespace's pin). The search statement reads ``kb_state`` itself, so the model it
+filters chunks on and the model it reports come from one snapshot: a search that
+meets a swap that committed after the query was embedded embeds the query again with
+the new model and searches once more (the retriever must have that model; if it has
+not, :class:`~ragplane.errors.ModelMismatch`). Queries therefore keep working through
+a switch: before the swap they see the old model's chunks, after it the new one's.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from psycopg import sql
 from ragplane.control.namespaces import NamespaceConfig
 from ragplane.data import Database
 from ragplane.errors import BadRequest, ModelMismatch
+from ragplane.knowledge.models import EmbedderRegistry
 from ragplane.knowledge.types import Embedder
 
 __all__ = [
@@ -211,36 +221,53 @@ WITH dense AS MATERIALIZED (
     LIMIT %(k_lexical)s
 ), ids AS (
     SELECT id FROM dense UNION SELECT id FROM lexical
+), state AS MATERIALIZED (
+    SELECT kb_version, active_model FROM kb_state WHERE namespace = %(ns)s
 )
-SELECT c.id, c.document_id, d.source_uri, d.title, c.text, c.ordinal, c.heading_path,
-       c.char_start, c.char_end, c.metadata, dense.sim, lexical.lex
-FROM ids
-JOIN chunks c ON c.id = ids.id
-JOIN documents d ON d.tenant_id = c.tenant_id AND d.id = c.document_id
-LEFT JOIN dense ON dense.id = ids.id
-LEFT JOIN lexical ON lexical.id = ids.id
+-- one row even without hits: the namespace's state, read in this statement's snapshot
+SELECT state.kb_version AS state_version, state.active_model AS state_model, hit.*
+FROM (SELECT 1) AS one
+LEFT JOIN state ON true
+LEFT JOIN (
+    SELECT c.id, c.document_id, d.source_uri, d.title, c.text, c.ordinal, c.heading_path,
+           c.char_start, c.char_end, c.metadata, dense.sim, lexical.lex
+    FROM ids
+    JOIN chunks c ON c.id = ids.id
+    JOIN documents d ON d.tenant_id = c.tenant_id AND d.id = c.document_id
+    LEFT JOIN dense ON dense.id = ids.id
+    LEFT JOIN lexical ON lexical.id = ids.id
+) AS hit ON true
 """
 
 
 class Retriever:
+    """Searches namespaces; ``embedder`` is one embedder or a registry of them (a query is
+    embedded with the model its namespace is answered with)."""
+
     def __init__(
         self,
         db: Database,
-        embedder: Embedder,
+        embedder: Embedder | EmbedderRegistry,
         *,
         ef_search: int = 100,
         max_scan_tuples: int = 20000,
     ) -> None:
         self._db = db
-        self._embedder = embedder
+        self._embedders = EmbedderRegistry.of(embedder)
         self._settings = {
             "hnsw.ef_search": str(ef_search),
             "hnsw.iterative_scan": "relaxed_order",
             "hnsw.max_scan_tuples": str(max_scan_tuples),
         }
 
-    async def embed_query(self, query: str) -> npt.NDArray[np.float32]:
-        vectors = await self._embedder.embed([query])
+    async def embed_query(self, query: str, model: str | None = None) -> npt.NDArray[np.float32]:
+        """``query`` embedded with ``model`` (default: the registry's default model)."""
+        embedder = self._embedders.default if model is None else self._embedders.find(model)
+        if embedder is None:
+            raise ModelMismatch(
+                f"this retriever embeds queries with {self._embedders.describe()}, not {model!r}"
+            )
+        vectors = await embedder.embed([query])
         vector: npt.NDArray[np.float32] = vectors[0]
         return vector
 
@@ -259,24 +286,59 @@ class Retriever:
         fusion = fusion or FusionConfig.from_mapping(config.retrieval)
         if not query.strip():
             raise BadRequest("the query is empty", code="empty_query")
-        if config.embedding_model != self._embedder.model_id:
+        model = config.embedding_model
+        embedder = self._embedders.find(model)
+        if embedder is None:
             raise ModelMismatch(
-                f"namespace {config.name!r} is pinned to {config.embedding_model!r}; "
-                f"this retriever embeds queries with {self._embedder.model_id!r}"
+                f"namespace {config.name!r} is pinned to {model!r}; "
+                f"this retriever embeds queries with {self._embedders.describe()}"
             )
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        if query_vector is None and mode != "lexical":
-            query_vector = await self.embed_query(query)
-        timings["embed"] = (time.perf_counter() - t0) * 1000
-        t1 = time.perf_counter()
+        timings: dict[str, float] = {"embed": 0.0, "retrieve": 0.0}
+        for _ in range(3):  # a swap mid-query costs one more round; two swaps, a third
+            vector = query_vector
+            t0 = time.perf_counter()
+            if vector is None and mode != "lexical":
+                vector = (await embedder.embed([query]))[0]
+            timings["embed"] += (time.perf_counter() - t0) * 1000
+            t1 = time.perf_counter()
+            rows = await self._fetch(config, query, embedder, vector, k, filters, mode, fusion)
+            timings["retrieve"] += (time.perf_counter() - t1) * 1000
+            active = rows[0]["state_model"]
+            if active is None or active == embedder.model_id:
+                hits = [r for r in rows if r["id"] is not None]
+                version = int(rows[0]["state_version"] or 0)
+                return Candidates(hits, version, timings, embedder.model_id)
+            switched = self._embedders.find(active)
+            if switched is None or switched is embedder or query_vector is not None:
+                raise ModelMismatch(
+                    f"namespace {config.name!r} is answered with {active!r}, not "
+                    f"{embedder.model_id!r}"
+                    + (": embed the query with that model" if query_vector is not None else "")
+                )
+            # the namespace switched models: embed the query with the active one
+            embedder = switched
+        raise ModelMismatch(f"namespace {config.name!r} kept switching models during a query")
+
+    async def _fetch(
+        self,
+        config: NamespaceConfig,
+        query: str,
+        embedder: Embedder,
+        query_vector: npt.NDArray[np.float32] | None,
+        k: int,
+        filters: Mapping[str, Any] | None,
+        mode: SearchMode,
+        fusion: FusionConfig,
+    ) -> list[dict[str, Any]]:
+        """One search statement: the state row (``state_model``, ``state_version``) on
+        every row, hits where ``id`` is set (one row with ``id`` None when none)."""
         statement = sql.SQL(_SEARCH).format(
-            dims=sql.Literal(self._embedder.dimensions),
+            dims=sql.Literal(embedder.dimensions),
             filter=sql.SQL("AND c.metadata @> %(filters)s::jsonb" if filters else ""),
         )
         params: dict[str, Any] = {
-            "qv": query_vector if query_vector is not None else _zero(self._embedder),
-            "model": self._embedder.model_id,
+            "qv": query_vector if query_vector is not None else _zero(embedder),
+            "model": embedder.model_id,
             "ns": config.name,
             "k_dense": k if mode != "lexical" else 0,
             "k_lexical": k if mode != "dense" else 0,
@@ -287,18 +349,7 @@ class Retriever:
             "filters": _json(filters),
         }
         async with self._db.tenant(config.tenant_id, settings=self._settings) as s:
-            state = await s.fetch_one(
-                "SELECT kb_version, active_model FROM kb_state WHERE namespace = %s",
-                (config.name,),
-            )
-            if state is not None and state["active_model"] != self._embedder.model_id:
-                raise ModelMismatch(
-                    f"namespace {config.name!r} is answered with {state['active_model']!r}, "
-                    f"not {self._embedder.model_id!r}"
-                )
-            rows = await s.fetch_all(statement, params)
-        timings["retrieve"] = (time.perf_counter() - t1) * 1000
-        return Candidates(rows, int(state["kb_version"]) if state else 0, timings)
+            return [dict(r) for r in await s.fetch_all(statement, params)]
 
     async def search(
         self,
@@ -349,7 +400,7 @@ class Retriever:
             namespace=config.name,
             mode=mode,
             kb_version=found.kb_version,
-            embedding_model=self._embedder.model_id,
+            embedding_model=found.embedding_model,
             chunks=chunks[:top_k],
             documents=list(documents.values())[:top_k],
             timings_ms=dict(found.timings_ms),
@@ -361,6 +412,7 @@ class Candidates:
     rows: list[dict[str, Any]]
     kb_version: int
     timings_ms: dict[str, float]
+    embedding_model: str = ""  # the model the chunks (and the query) were embedded with
 
 
 def _zero(embedder: Embedder) -> npt.NDArray[np.float32]:

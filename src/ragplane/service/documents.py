@@ -42,7 +42,7 @@ from ragplane.errors import (
 from ragplane.knowledge.ingest import Ingestor
 from ragplane.knowledge.jobs import IngestJob, IngestQueue, Upload, get_job
 
-__all__ = ["router"]
+__all__ = ["JobAccepted", "JobOut", "namespace_or_404", "router"]
 
 router = APIRouter(tags=["knowledge"])
 
@@ -91,6 +91,7 @@ class JobErrorOut(BaseModel):
 class JobOut(BaseModel):
     id: str
     kb: str
+    kind: str = Field(description="ingest, or switch_model (an embedding-model switch)")
     status: str
     documents_total: int
     documents_done: int
@@ -101,12 +102,19 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    source_model: str | None = Field(default=None, description="A switch: from this model.")
+    target_model: str | None = Field(default=None, description="A switch: to this model.")
+    phase: str | None = Field(
+        default=None,
+        description="A switch: embedding, catching_up, swapping, cleanup, done.",
+    )
 
     @classmethod
     def of(cls, job: IngestJob) -> JobOut:
         return cls(
             id=job.id,
             kb=job.namespace,
+            kind=job.kind,
             status=job.status,
             documents_total=job.documents_total,
             documents_done=job.documents_done,
@@ -120,6 +128,9 @@ class JobOut(BaseModel):
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
+            source_model=job.source_model,
+            target_model=job.target_model,
+            phase=job.phase,
         )
 
 
@@ -153,7 +164,7 @@ async def _bounded_body(request: Request) -> bytes:
     return body
 
 
-async def _namespace(db: Database, tenant_id: str, kb: str) -> NamespaceConfig:
+async def namespace_or_404(db: Database, tenant_id: str, kb: str) -> NamespaceConfig:
     try:
         async with db.control() as s:
             return await get_namespace(s, tenant_id, kb)
@@ -275,7 +286,7 @@ async def upload_documents(
             f"{settings.knowledge.max_documents_per_request}"
         )
     db = _db(request)
-    config = await _namespace(db, ctx.tenant_id, kb)
+    config = await namespace_or_404(db, ctx.tenant_id, kb)
     queue: IngestQueue = request.app.state.platform.ingest_queue
     job = await queue.enqueue(
         db, config, uploads, max_upload_bytes=settings.knowledge.max_upload_bytes
@@ -289,7 +300,8 @@ async def upload_documents(
 async def get_ingest_job(
     job_id: str, request: Request, ctx: Annotated[TenantContext, Depends(tenant_context)]
 ) -> JobOut:
-    """An ingest job: status, progress and per-document errors."""
+    """A job: status, progress and per-document errors (an ingest job, or an
+    embedding-model switch with its phase)."""
     job = await get_job(_db(request), ctx.tenant_id, job_id)
     if job is None:
         raise NotFound(f"no job {job_id!r}", code="job_not_found")
@@ -308,7 +320,7 @@ async def delete_document(
     kb: Annotated[str, Query(description="Knowledge-base namespace.")] = "default",
 ) -> Response:
     """Delete one document and its chunks."""
-    config = await _namespace(_db(request), ctx.tenant_id, kb)
+    config = await namespace_or_404(_db(request), ctx.tenant_id, kb)
     ingestor: Ingestor = request.app.state.platform.ingestor
     if not await ingestor.delete_document(config, document_id):
         raise NotFound(f"no document {document_id!r} in {kb!r}", code="document_not_found")
