@@ -455,3 +455,25 @@ def test_two_processes_share_one_breaker_through_redis(clean_redis: str) -> None
     # (the watcher polls every 5 ms); printed, not asserted (no wall-clock thresholds)
     delay = seen["seen_at"] - sent_at
     print(f"\nthe other process saw the breaker open within {delay * 1000:.1f} ms")
+
+
+async def test_every_redis_key_expires(clean_redis: str) -> None:
+    """Idle routes and tenants leave nothing behind: every key has a TTL."""
+    prefix = f"test:{uuid.uuid4().hex[:8]}:"
+    client = redis_client(clean_redis)
+    breaker = CircuitBreaker(RedisBreakerStore(client, prefix=prefix))
+    bulkhead = RedisBulkhead(client, GatewaySettings().bulkheads, prefix=prefix)
+    try:
+        route = make_route(consecutive_failures=2, failure_rate=1.0, slo_p95_ms=50.0, min_calls=1)
+        async with bulkhead.slot("tnt_a", route.name, "interactive"):
+            h = Harness("redis", breaker, None)
+            await h.calls(route, "s", latency_ms=80.0)  # degraded: the state hash exists
+            await open_route(h, route)
+            await h.advance(COOLDOWN_S + 0.05)
+            assert (await breaker.acquire(route)).probe  # the probe lease set exists
+            keys = [key async for key in client.scan_iter(match=prefix + "*")]
+            assert len(keys) >= 5  # state, probes, buckets, two bulkhead sets
+            for key in keys:
+                assert await client.pttl(key) > 0, key
+    finally:
+        await client.aclose()
