@@ -301,6 +301,29 @@ async def test_stop_drains_rows_in_flight_and_queued(
     assert spill_files(tmp_path) == []
 
 
+async def test_a_cancelled_stop_still_keeps_every_row(
+    clean_db: PgCluster, app_db: Database, tmp_path: Path
+):
+    """The shutdown gives up on the drain (stop() is cancelled) while a batch is stuck:
+    the batch and the queue go to the spill file, and the next start writes each once
+    (whether or not the stuck batch committed after all)."""
+    sink = LedgerSink(app_db, settings(batch_size=10), tmp_path)
+    await sink.start()
+    async with table_locked(clean_db):
+        for i in range(25):
+            sink.submit(entry(i))
+        await until(lambda: sink.in_flight == 10)
+        with anyio.move_on_after(0.1):
+            await sink.stop()
+        assert sink.spilled_pending == 25
+        assert len(spill_files(tmp_path)) == 1
+    again = LedgerSink(app_db, settings(), tmp_path)
+    await again.start()
+    await again.stop()
+    assert request_ids(await stored(clean_db)) == [f"req-tnt_alpha-{i:05d}" for i in range(25)]
+    assert spill_files(tmp_path) == []
+
+
 # --------------------------------------------------------------------------- database gone
 
 
@@ -309,6 +332,39 @@ def refusing_url(pg: PgCluster) -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"postgresql://ragplane_app@127.0.0.1:{port}/ragplane"
+
+
+async def test_a_failed_write_is_kept_and_retried_until_the_database_takes_it(
+    clean_db: PgCluster, app_db: Database, tmp_path: Path
+):
+    """While the database refuses the writes, each batch moves to the spill file (on disk,
+    not in memory) and the sink retries with backoff; once it takes them, every row is
+    written once and the spill file is gone, without a restart."""
+    sink = LedgerSink(
+        app_db,
+        settings(batch_size=5, flush_interval_s=0.01),
+        tmp_path,
+        retry_base_s=0.01,
+        retry_max_s=0.05,
+    )
+    async with await psycopg.AsyncConnection.connect(clean_db.owner, autocommit=True) as owner:
+        await owner.execute("REVOKE INSERT ON llm_ledger FROM ragplane_app")
+        try:
+            await sink.start()
+            for i in range(12):
+                sink.submit(entry(i))
+            await until(lambda: sink.failed_writes >= 4)
+            assert sink.written == 0
+            assert sink.queued == 0
+            assert sink.spilled_pending == 12
+            assert len(spill_files(tmp_path)) == 1
+        finally:
+            await owner.execute("GRANT INSERT ON llm_ledger TO ragplane_app")
+    await until(lambda: sink.written == 12)
+    assert sink.spilled_pending == 0
+    assert spill_files(tmp_path) == []
+    await sink.stop()
+    assert request_ids(await stored(clean_db)) == [f"req-tnt_alpha-{i:05d}" for i in range(12)]
 
 
 async def test_a_database_gone_at_shutdown_leaves_a_spill_the_next_start_replays(

@@ -35,7 +35,6 @@ import os
 import random
 import time
 import uuid
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -66,13 +65,14 @@ def _time_ordered_uuid() -> uuid.UUID:
     return uuid.UUID(int=value)
 
 
-def ledger_row(entry: LedgerEntry) -> LedgerRow:
-    """The ledger row of one call, with its id and time minted now."""
+def ledger_row(entry: LedgerEntry, at: float | None = None) -> LedgerRow:
+    """The ledger row of one call that ended at ``at`` (Unix seconds; default now),
+    with a new id."""
     u = entry.usage
     return LedgerRow(
         tenant_id=entry.tenant_id,
         id=_time_ordered_uuid(),
-        created_at=datetime.now(UTC),
+        created_at=datetime.fromtimestamp(time.time() if at is None else at, UTC),
         request_id=entry.request_id,
         alias=entry.alias,
         api=entry.api,
@@ -98,7 +98,7 @@ def ledger_row(entry: LedgerEntry) -> LedgerRow:
 
 
 def _dumps(row: LedgerRow) -> bytes:
-    return orjson.dumps(asdict(row), default=str) + b"\n"
+    return orjson.dumps(row, default=str) + b"\n"
 
 
 def _loads(line: bytes) -> LedgerRow:
@@ -138,7 +138,9 @@ class _SpillFile:
         if not path.exists():  # replayed and removed by its owner just before we locked
             os.close(fd)
             return None
-        return cls(path, os.fdopen(fd, "ab", buffering=0), path.read_bytes().count(b"\n"))
+        with path.open("rb") as f:
+            rows = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        return cls(path, os.fdopen(fd, "ab", buffering=0), rows)
 
     def append(self, data: bytes, rows: int) -> None:
         self.handle.write(data)  # unbuffered: one write(2) of whole lines
@@ -175,7 +177,9 @@ class LedgerSink:
         self.spill_dir = spill_dir
         self._retry_base_s = retry_base_s
         self._retry_max_s = retry_max_s
-        self._queue: collections.deque[LedgerRow] = collections.deque()
+        # calls and when they ended; made into rows (id minted) by the flusher, off the
+        # response path
+        self._queue: collections.deque[tuple[LedgerEntry, float]] = collections.deque()
         self._in_flight: list[LedgerRow] = []
         self._spill: _SpillFile | None = None  # the file overflow appends to
         self._sealed: list[_SpillFile] = []  # files to replay (no more appends)
@@ -219,14 +223,13 @@ class LedgerSink:
         Before ``start`` rows wait in the queue; after ``stop`` they go to a spill file
         straight away (the next start writes them).
         """
-        row = ledger_row(entry)
         self.submitted += 1
         if self._closed:
-            log.warning("ledger_submit_after_stop", request_id=row.request_id)
-            self._spill_rows([row])
+            log.warning("ledger_submit_after_stop", request_id=entry.request_id)
+            self._spill_rows([ledger_row(entry)])
             return
         if len(self._queue) < self._settings.queue_size:
-            self._queue.append(row)
+            self._queue.append((entry, time.time()))
             if len(self._queue) >= self._settings.batch_size:
                 self._wake.set()
             return
@@ -239,7 +242,7 @@ class LedgerSink:
                 running=self.running,
             )
         self._burst += 1
-        self._spill_rows([row])
+        self._spill_rows([ledger_row(entry)])
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -265,17 +268,24 @@ class LedgerSink:
         self._stopping.set()
         self._wake.set()
         task = self._task
-        if task is not None and not task.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(task), timeout_s)
-            except TimeoutError:
+        try:
+            if task is not None and not task.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(task), timeout_s)
+                except TimeoutError:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        finally:  # also when stop() itself is cancelled: the rows still go to disk
+            if task is not None and not task.done():
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            self._close()
+
+    def _close(self) -> None:
         # a batch cancelled mid-commit may or may not be in the table: spill it anyway,
         # its ids make the replay a no-op for rows that did commit
         self._closed = True
-        leftover = [*self._in_flight, *self._queue]
+        leftover = [*self._in_flight, *(ledger_row(e, at) for e, at in self._queue)]
         self._in_flight = []
         self._queue.clear()
         if leftover:
@@ -327,7 +337,7 @@ class LedgerSink:
         """Write the queue in batches; False after a batch the database did not take."""
         while self._queue:
             n = min(len(self._queue), self._settings.batch_size)
-            self._in_flight = [self._queue.popleft() for _ in range(n)]
+            self._in_flight = [ledger_row(*self._queue.popleft()) for _ in range(n)]
             ok = await self._write(self._in_flight)
             batch, self._in_flight = self._in_flight, []
             if not ok:
@@ -386,9 +396,7 @@ class LedgerSink:
         self.duplicates += result.duplicates
         if result.rejected:
             self.rejected += len(result.rejected)
-            self._write_rejected(
-                [{"row": asdict(r), "error": reason} for r, reason in result.rejected]
-            )
+            self._write_rejected([{"row": r, "error": reason} for r, reason in result.rejected])
             log.error(
                 "ledger_rows_rejected",
                 rows=len(result.rejected),
