@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import itertools
 import operator
+import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,12 +32,30 @@ import psycopg
 from ragplane.data.db import Database, validate_tenant_id
 from ragplane.errors import DataError, TenantScopeError
 
-__all__ = ["CostLine", "LedgerRow", "WriteResult", "tenant_costs", "write_ledger_rows"]
+__all__ = [
+    "CostLine",
+    "LedgerRow",
+    "WriteResult",
+    "new_row_id",
+    "tenant_costs",
+    "write_ledger_rows",
+]
+
+
+def new_row_id() -> UUID:
+    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then 74 random bits. Time-ordered,
+    so new rows land at the right edge of the primary key's index."""
+    value = ((time.time_ns() // 1_000_000) & ((1 << 48) - 1)) << 80
+    value |= int.from_bytes(os.urandom(10), "big")
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    return UUID(int=value)
 
 
 @dataclass(frozen=True, slots=True)
 class LedgerRow:
-    """One row of ``llm_ledger``; ``id`` and ``created_at`` are set by whoever mints it."""
+    """One row of ``llm_ledger``; ``id`` (see :func:`new_row_id`) and ``created_at`` are
+    set by whoever makes the row."""
 
     tenant_id: str
     id: UUID

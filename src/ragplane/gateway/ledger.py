@@ -30,21 +30,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import fcntl
-import os
 import random
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import orjson
 
 from ragplane.config import LedgerSettings, Settings
 from ragplane.data.db import Database
-from ragplane.data.ledger_store import LedgerRow, WriteResult, write_ledger_rows
+from ragplane.data.ledger_store import LedgerRow, WriteResult, new_row_id, write_ledger_rows
 from ragplane.errors import DataError
+from ragplane.gateway.ledger_spill import SPILL_GLOB, SpillFile, loads_row
 from ragplane.gateway.types import LedgerEntry
 from ragplane.observe.logging import get_logger
 
@@ -52,17 +50,7 @@ __all__ = ["LedgerSink", "ledger_row"]
 
 log = get_logger("ragplane.gateway.ledger")
 
-_SPILL_PREFIX = "spill-"
 _REJECTED = "rejected.jsonl"
-
-
-def _time_ordered_uuid() -> uuid.UUID:
-    """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then 74 random bits."""
-    value = ((time.time_ns() // 1_000_000) & ((1 << 48) - 1)) << 80
-    value |= int.from_bytes(os.urandom(10), "big") & ((1 << 80) - 1)
-    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
-    return uuid.UUID(int=value)
 
 
 def ledger_row(entry: LedgerEntry, at: float | None = None) -> LedgerRow:
@@ -71,7 +59,7 @@ def ledger_row(entry: LedgerEntry, at: float | None = None) -> LedgerRow:
     u = entry.usage
     return LedgerRow(
         tenant_id=entry.tenant_id,
-        id=_time_ordered_uuid(),
+        id=new_row_id(),
         created_at=datetime.fromtimestamp(time.time() if at is None else at, UTC),
         request_id=entry.request_id,
         alias=entry.alias,
@@ -95,61 +83,6 @@ def ledger_row(entry: LedgerEntry, at: float | None = None) -> LedgerRow:
         ttft_ms=entry.ttft_ms,
         extra=dict(entry.extra),
     )
-
-
-def _dumps(row: LedgerRow) -> bytes:
-    return orjson.dumps(row, default=str) + b"\n"
-
-
-def _loads(line: bytes) -> LedgerRow:
-    d: dict[str, Any] = orjson.loads(line)
-    d["id"] = uuid.UUID(d["id"])
-    d["created_at"] = datetime.fromisoformat(d["created_at"])
-    return LedgerRow(**d)
-
-
-class _SpillFile:
-    """One spill file this sink holds an exclusive ``flock`` on."""
-
-    def __init__(self, path: Path, handle: IO[bytes], rows: int) -> None:
-        self.path = path
-        self.handle = handle
-        self.rows = rows  # lines in the file
-        self.done_offset = 0  # bytes whose rows are committed (this process's view)
-
-    @classmethod
-    def create(cls, path: Path) -> _SpillFile:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # new: nobody else can hold it
-        return cls(path, os.fdopen(fd, "ab", buffering=0), 0)
-
-    @classmethod
-    def claim(cls, path: Path) -> _SpillFile | None:
-        """Open and lock an existing file; None when a live sink holds it (or it is gone)."""
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-        except FileNotFoundError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        if not path.exists():  # replayed and removed by its owner just before we locked
-            os.close(fd)
-            return None
-        with path.open("rb") as f:
-            rows = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-        return cls(path, os.fdopen(fd, "ab", buffering=0), rows)
-
-    def append(self, data: bytes, rows: int) -> None:
-        self.handle.write(data)  # unbuffered: one write(2) of whole lines
-        self.rows += rows
-
-    def remove(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        self.handle.close()
 
 
 class LedgerSink:
@@ -181,8 +114,8 @@ class LedgerSink:
         # response path
         self._queue: collections.deque[tuple[LedgerEntry, float]] = collections.deque()
         self._in_flight: list[LedgerRow] = []
-        self._spill: _SpillFile | None = None  # the file overflow appends to
-        self._sealed: list[_SpillFile] = []  # files to replay (no more appends)
+        self._spill: SpillFile | None = None  # the file overflow appends to
+        self._sealed: list[SpillFile] = []  # files to replay (no more appends)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -251,10 +184,10 @@ class LedgerSink:
         if self._task is not None:
             raise RuntimeError("a LedgerSink starts once")
         self.spill_dir.mkdir(parents=True, exist_ok=True)
-        for path in sorted(self.spill_dir.glob(f"{_SPILL_PREFIX}*.jsonl")):
+        for path in sorted(self.spill_dir.glob(SPILL_GLOB)):
             if self._spill is not None and path == self._spill.path:
                 continue
-            claimed = _SpillFile.claim(path)
+            claimed = SpillFile.claim(path)
             if claimed is not None:
                 self._sealed.append(claimed)
                 self.spilled_pending += claimed.rows
@@ -291,7 +224,7 @@ class LedgerSink:
         if leftover:
             self._spill_rows(leftover)
         for sf in [*self._sealed, *([self._spill] if self._spill else [])]:
-            sf.handle.close()  # releases the lock; the file stays for the next start
+            sf.close()
         if self.spilled_pending:
             log.error(
                 "ledger_stopped_with_spilled_rows",
@@ -355,28 +288,24 @@ class LedgerSink:
             self._spill = None
         while self._sealed:
             sf = self._sealed[0]
-            with sf.path.open("rb") as f:
-                f.seek(sf.done_offset)
-                while True:
-                    lines = [
-                        line for _ in range(self._settings.batch_size) if (line := f.readline())
-                    ]
-                    if not lines:
-                        break
-                    rows = self._parse(sf, lines)
-                    if rows and not await self._write(rows):
-                        return False
-                    sf.done_offset = f.tell()
+            while True:
+                lines, end = sf.read_from(sf.done_offset, self._settings.batch_size)
+                if not lines:
+                    break
+                rows = self._parse(sf, lines)
+                if rows and not await self._write(rows):
+                    return False
+                sf.done_offset = end
             sf.remove()
             self._sealed.pop(0)
             self.spilled_pending -= sf.rows
         return True
 
-    def _parse(self, sf: _SpillFile, lines: list[bytes]) -> list[LedgerRow]:
+    def _parse(self, sf: SpillFile, lines: list[bytes]) -> list[LedgerRow]:
         rows = []
         for line in lines:
             try:
-                rows.append(_loads(line))
+                rows.append(loads_row(line))
             except (ValueError, TypeError, KeyError) as exc:
                 # a line cut short by a crash mid-write (its submit never returned)
                 self.rejected += 1
@@ -408,15 +337,13 @@ class LedgerSink:
     # ------------------------------------------------------------------ files
 
     def _spill_rows(self, rows: list[LedgerRow]) -> None:
-        data = b"".join(_dumps(r) for r in rows)
         try:
             if self._spill is None:
-                self.spill_dir.mkdir(parents=True, exist_ok=True)
-                name = f"{_SPILL_PREFIX}{_time_ordered_uuid().hex}.jsonl"
-                self._spill = _SpillFile.create(self.spill_dir / name)
-            self._spill.append(data, len(rows))
+                self._spill = SpillFile.create(self.spill_dir)
+            self._spill.append(rows)
         except OSError as exc:
             self.lost += len(rows)
+            data = b"".join(orjson.dumps(r, default=str) + b"\n" for r in rows)
             log.exception(  # the last place these rows exist
                 "ledger_rows_lost", error=str(exc), rows=data.decode(errors="replace")
             )
