@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import importlib.util
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -188,7 +189,9 @@ class LlamaCppTransport:
         if not self.model_path.is_file():
             raise ConfigError(f"llamacpp model_path {self.model_path} is not a file")
         self._n_ctx = n_ctx or DEFAULT_N_CTX
-        self._n_threads = n_threads
+        # half the cores for prompt and generation alike: llama.cpp's default of every core
+        # for the prompt made a 38-token prompt take 9 s instead of 0.1 s on a busy 2-core box
+        self._n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
         self._llama: Llama | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamacpp")
         self._jobs: set[_Job] = set()
@@ -205,6 +208,7 @@ class LlamaCppTransport:
                 model_path=str(self.model_path),
                 n_ctx=self._n_ctx,
                 n_threads=self._n_threads,
+                n_threads_batch=self._n_threads,
                 verbose=False,
             )
             log.info("llamacpp_model_loaded", path=str(self.model_path), n_ctx=self._n_ctx)
