@@ -110,7 +110,14 @@ _FAIL_OVER: Any = object()
 async def _raise_for_status(route: Route, response: UpstreamResponse) -> None:
     if response.status >= 400:
         data = await response.read()
-        raise upstream_error(route.upstream_api, response.status, response.headers, data)
+        raise upstream_error(
+            route.upstream_api,
+            response.status,
+            response.headers,
+            data,
+            provider=route.provider_name,
+            route=route.name,
+        )
 
 
 def _ms_since(started: float) -> float:
@@ -230,7 +237,14 @@ class Router:
             finally:
                 tally.upstream_s += time.perf_counter() - sent
             if response.status >= 400:
-                raise upstream_error(route.upstream_api, response.status, response.headers, data)
+                raise upstream_error(
+                    route.upstream_api,
+                    response.status,
+                    response.headers,
+                    data,
+                    provider=route.provider_name,
+                    route=route.name,
+                )
             body, usage = adapter.parse_response(data, route)
             return Completion(
                 body=body,

@@ -131,22 +131,24 @@ class AnthropicToAnthropicStream:
         return self._finished
 
     def feed(self, event: SseEvent) -> list[bytes]:
+        # every event is parsed (a few µs): a malformed one must end the caller's stream
+        # with an error event, not reach the caller's SDK as bytes it cannot read
+        payload = loads_object(event.data, self._route, "a stream event")
         name = event.event
         if name is None:  # not sent by Anthropic itself; some proxies drop the event line
-            name = str(loads_object(event.data, self._route, "a stream event").get("type"))
+            name = str(payload.get("type"))
         if name == "message_start":
-            message = loads_object(event.data, self._route, "message_start").get("message")
+            message = payload.get("message")
             usage = message.get("usage") if isinstance(message, dict) else None
             if isinstance(usage, dict):
                 self._usage = usage_from_anthropic(usage)
         elif name == "message_delta":
-            usage = loads_object(event.data, self._route, "message_delta").get("usage")
+            usage = payload.get("usage")
             if isinstance(usage, dict):
                 self._usage = usage_from_anthropic(usage, self._usage)
         elif name == "message_stop":
             self._finished = True
         elif name == "error":
-            payload = loads_object(event.data, self._route, "an error event")
             raise stream_upstream_error(
                 "anthropic", payload, provider=self._route.provider_name, route=self._route.name
             )

@@ -106,11 +106,13 @@ class OpenAIToOpenAIStream:
         if data == "[DONE]":
             self._finished = True
             return [DONE_FRAME]
+        # every chunk is parsed (a few µs): a malformed one must end the caller's stream
+        # with an error event, not reach the caller's SDK as bytes it cannot read
+        chunk = loads_object(data, self._route, "a stream chunk")
         if _USAGE.search(data) is None:
             if event.event == "error" or _ERROR.match(data):
                 self._raise(data)
             return [encode_event(data)]
-        chunk = loads_object(data, self._route, "a stream chunk")
         usage = chunk.get("usage")
         if not isinstance(usage, dict):
             return [encode_event(data)]
