@@ -13,6 +13,7 @@ import openai
 import psycopg
 import pytest
 
+from ragplane.control.apikeys import create_api_key, revoke_api_key
 from ragplane.data.db import Database
 from ragplane.gateway.mockprovider import MockProviderConfig, run_mock_provider
 from ragplane.gateway.runtime import Gateway
@@ -322,3 +323,55 @@ async def test_invalid_json_is_bad_request_in_openai_shape(gateway: tuple[Gatewa
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error"
     assert response.headers["x-request-id"] in error["message"]
+
+
+# -- virtual keys: tenant-bound API keys with the gateway scope --------------------------
+
+
+async def _virtual_key(pg: PgCluster, tenant: str, scopes: tuple[str, ...]) -> tuple[str, str]:
+    async with Database(pg.owner, max_size=1) as owner, owner.control() as session:
+        key, plaintext = await create_api_key(session, tenant, name="sdk", scopes=scopes)
+    return key.id, plaintext
+
+
+async def test_virtual_key_takes_its_tenant_from_the_key(
+    gateway: tuple[Gateway, str], clean_db: PgCluster
+) -> None:
+    gw, url = gateway
+    _, key = await _virtual_key(clean_db, "tnt_beta", ("gateway",))
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+    async with client:
+        await client.chat.completions.create(
+            model="fast", messages=[{"role": "user", "content": "mine"}]
+        )
+        with pytest.raises(openai.PermissionDeniedError):
+            await client.chat.completions.create(
+                model="fast",
+                messages=[{"role": "user", "content": "theirs"}],
+                extra_headers={"X-Tenant-Id": "tnt_alpha"},
+            )
+    assert gw.ledger is not None
+    await gw.ledger.stop()
+    assert [r["tenant_id"] for r in _ledger(clean_db)] == ["tnt_beta"]
+
+
+async def test_virtual_key_needs_the_gateway_scope_and_stops_when_revoked(
+    gateway: tuple[Gateway, str], clean_db: PgCluster
+) -> None:
+    _, url = gateway
+    _, unscoped = await _virtual_key(clean_db, "tnt_beta", ("documents",))
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=unscoped, max_retries=0) as c:
+        with pytest.raises(openai.PermissionDeniedError):
+            await c.chat.completions.create(model="fast", messages=[])
+    key_id, key = await _virtual_key(clean_db, "tnt_beta", ("gateway",))
+    async with anthropic.AsyncAnthropic(base_url=url, api_key=key, max_retries=0) as a:
+        await a.messages.create(
+            model="claude", max_tokens=8, messages=[{"role": "user", "content": "ok"}]
+        )
+        async with Database(clean_db.owner, max_size=1) as owner, owner.control() as session:
+            assert await revoke_api_key(session, key_id)
+        # make_settings sets edge.tenant_cache_s=0: the next request sees the revocation
+        with pytest.raises(anthropic.AuthenticationError):
+            await a.messages.create(
+                model="claude", max_tokens=8, messages=[{"role": "user", "content": "no"}]
+            )
