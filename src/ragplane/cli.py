@@ -482,6 +482,154 @@ def kb_create(
     )
 
 
+@kb_app.command("switch-model")
+def kb_switch_model(
+    tenant: Annotated[str, typer.Option("--tenant", "-t", help="Tenant that owns the kb.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="The embedding model to use.")],
+    kb: Annotated[str, typer.Option("--kb", help="Knowledge-base namespace.")] = "default",
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Show the job's progress until it ends.")
+    ] = False,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Re-embed a knowledge base with another embedding model, in the background.
+
+    Queues a job for a worker (ragplane worker, or ragplane up): every document is
+    embedded with the new model beside the old one, then the namespace swaps to it at
+    once; queries keep working throughout. Prints the job id (see ragplane kb status).
+
+    Exit status: 0 when queued (with --wait: when the switch succeeded), 1 when the
+    switch failed, 2 when it was refused or on a usage or configuration error.
+    """
+    from ragplane.knowledge.jobs import IngestJob
+
+    settings = _settings(config, data_dir=data_dir)
+    with _owner_and_app(settings) as (_, app_url):
+        job: IngestJob = _run(_switch_model(settings, app_url, tenant, kb, model, wait=wait))
+    out.print(job.id)
+    if job.status == "failed":
+        for e in job.errors:
+            err.print(f"[bold red]{e.code}:[/] {e.message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@kb_app.command("status")
+def kb_status(
+    tenant: Annotated[str, typer.Option("--tenant", "-t", help="Tenant that owns the kb.")],
+    kb: Annotated[str, typer.Option("--kb", help="Knowledge-base namespace.")] = "default",
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """A knowledge base's embedding model, version, and its latest model switch."""
+    settings = _settings(config, data_dir=data_dir)
+    with _owner_and_app(settings) as (_, app_url):
+        ns, state, job = _run(_kb_status(app_url, tenant, kb))
+    table = Table("kb", "pinned model", "active model", "kb_version", "switching to")
+    table.add_row(
+        ns.name,
+        ns.embedding_model,
+        state.active_model if state else ns.embedding_model,
+        str(state.kb_version if state else 0),
+        (state.switching_to if state else None) or "-",
+    )
+    out.print(table)
+    if job is not None:
+        out.print(f"latest switch: {_job_line(job)}", highlight=False, soft_wrap=True)
+
+
+async def _cli_namespace(db: Any, tenant: str, kb: str) -> Any:
+    from ragplane.control.namespaces import NamespaceNotFound, get_namespace
+    from ragplane.data import validate_tenant_id
+
+    validate_tenant_id(tenant)
+    try:
+        async with db.control() as s:
+            return await get_namespace(s, tenant, kb)
+    except NamespaceNotFound:
+        raise RagplaneError(
+            f"tenant {tenant!r} has no knowledge base {kb!r}; create it first: "
+            f"ragplane kb create {kb} --tenant {tenant}"
+        ) from None
+
+
+def _job_line(job: Any) -> str:
+    return (
+        f"job {job.id} {job.source_model} -> {job.target_model}: {job.status}, phase "
+        f"{job.phase}, {job.documents_done:,}/{job.documents_total:,} documents, "
+        f"{job.chunks_written:,} chunks"
+    )
+
+
+async def _switch_model(
+    settings: Settings, app_url: str, tenant: str, kb: str, model: str, *, wait: bool
+) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from ragplane.data import Database
+    from ragplane.data.queue import create_queue
+    from ragplane.knowledge.jobs import IngestQueue, get_job
+    from ragplane.knowledge.models import EmbedderRegistry
+    from ragplane.knowledge.switch import SwitchRefused, request_switch
+
+    async with Database(app_url, max_size=2, name="app") as db:
+        ns = await _cli_namespace(db, tenant, kb)
+        queue = IngestQueue(
+            create_queue(app_url),
+            max_attempts=settings.worker.max_attempts,
+            retry_wait_s=settings.worker.retry_wait_s,
+        )
+        try:
+            job = await request_switch(queue, db, ns, model, EmbedderRegistry.local())
+        except SwitchRefused as exc:
+            raise RagplaneError(str(exc)) from None
+        err.print(
+            f"queued: {kb} switches from {job.source_model} to {job.target_model} "
+            f"({job.documents_total:,} documents) as job {job.id}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if not wait:
+            return job
+        with Progress(
+            TextColumn("[bold]switch[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("documents  {task.fields[stats]}"),
+            console=err,
+        ) as bar:
+            task = bar.add_task("switch", total=job.documents_total or None, stats="")
+            while not job.finished:
+                await asyncio.sleep(0.5)
+                job = await get_job(db, tenant, job.id) or job
+                bar.update(
+                    task,
+                    completed=job.documents_done,
+                    total=max(job.documents_total, job.documents_done) or None,
+                    stats=f"{job.chunks_written:,} chunks  {job.phase} ({job.status})",
+                )
+        err.print(_job_line(job), highlight=False, soft_wrap=True)
+        return job
+
+
+async def _kb_status(app_url: str, tenant: str, kb: str) -> tuple[Any, Any, Any]:
+    from ragplane.data import Database
+    from ragplane.knowledge.jobs import get_job
+    from ragplane.knowledge.switch import namespace_state
+
+    async with Database(app_url, max_size=1, name="app") as db:
+        ns = await _cli_namespace(db, tenant, kb)
+        state = await namespace_state(db, tenant, kb)
+        async with db.tenant(tenant) as s:
+            row = await s.fetch_one(
+                "SELECT id::text AS id FROM ingest_jobs WHERE namespace = %s "
+                "AND kind = 'switch_model' ORDER BY created_at DESC LIMIT 1",
+                (kb,),
+            )
+        job = await get_job(db, tenant, row["id"]) if row else None
+        return ns, state, job
+
+
 @app.command()
 def ingest(
     path: Annotated[Path, typer.Argument(help="A file, or a folder (walked recursively).")],
@@ -538,6 +686,7 @@ async def _ingest(
     from ragplane.knowledge.embedder import LocalEmbedder
     from ragplane.knowledge.folder import FolderProgress, ingest_files
     from ragplane.knowledge.ingest import Ingestor
+    from ragplane.knowledge.models import EmbedderRegistry
 
     validate_tenant_id(tenant)
     db = Database(app_url, max_size=2, name="app")
@@ -552,7 +701,9 @@ async def _ingest(
             ) from None
         embedder = LocalEmbedder()
         await anyio.to_thread.run_sync(embedder.load)
-        ingestor = Ingestor(db, embedder, batch_documents=settings.worker.batch_documents)
+        # every local model: the namespace is embedded with the one it is pinned to
+        embedders = EmbedderRegistry.local(embedder)
+        ingestor = Ingestor(db, embedders, batch_documents=settings.worker.batch_documents)
         with Progress(
             TextColumn("[bold]ingest[/]"),
             BarColumn(),
