@@ -50,6 +50,16 @@ async def _chunks(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _trickle(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse()
+    await response.prepare(request)
+    for i in range(8):
+        await asyncio.sleep(0.1)
+        await response.write(b"%d" % i)
+    await response.write_eof()
+    return response
+
+
 async def _status(request: web.Request) -> web.Response:
     return web.json_response({"error": "overloaded"}, status=503, headers={"Retry-After": "3"})
 
@@ -92,6 +102,7 @@ async def upstream() -> AsyncIterator[Upstream]:
     app.router.add_post("/json", _json)
     app.router.add_get("/chunks", _chunks)
     app.router.add_get("/status", _status)
+    app.router.add_get("/trickle", _trickle)
     app.router.add_get("/slow-headers", _slow_headers)
     app.router.add_get("/slow-body", _slow_body)
     app.router.add_get("/stall", _stall)
@@ -229,6 +240,24 @@ async def test_idle_timeout_between_chunks(upstream: Upstream, transport: HttpTr
     assert transport.pool_stats().open_responses == 0
 
 
+async def test_a_steady_stream_longer_than_idle_s_is_fine(
+    upstream: Upstream, transport: HttpTransport
+) -> None:
+    response = await transport.send(get(upstream.base + "/trickle"), connect_s=1, ttft_s=2)
+    assert await response.read(idle_s=0.35) == b"01234567"  # 0.8 s in all, gaps of 0.1 s
+
+
+async def test_a_slow_consumer_is_not_an_idle_upstream(
+    upstream: Upstream, transport: HttpTransport
+) -> None:
+    response = await transport.send(get(upstream.base + "/chunks"), connect_s=1, ttft_s=2)
+    received = []
+    async for chunk in response.iter_chunks(idle_s=0.1):
+        received.append(chunk)
+        await asyncio.sleep(0.3)  # the deadline passes while we are busy, not reading
+    assert b"".join(received) == b"".join(f"data: {i}\n\n".encode() for i in range(5))
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -330,7 +359,7 @@ async def test_cancelling_a_read_releases_the_connection(
     assert transport.pool_stats().open_responses == 1
 
     async def consume() -> None:
-        async for _ in response.iter_chunks(idle_s=None):
+        async for _ in response.iter_chunks(idle_s=2):  # a deadline armed, not reached
             pass
 
     task = asyncio.create_task(consume())

@@ -36,9 +36,11 @@ HTTP transport, or an in-process local provider.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import aiohttp
 
@@ -74,13 +76,17 @@ class PoolStats:
     open_responses: int
 
 
+def _timeout(url: str, phase: str) -> UpstreamTimeout:
+    what = "the first byte" if phase == "ttft" else "the next chunk"
+    return UpstreamTimeout(f"{url}: no {what} within the {phase} timeout", phase=phase)
+
+
 def _translate(exc: BaseException, url: str, phase: str) -> Exception | None:
     """Our error for an aiohttp/OS failure; ``None`` if it is not one (e.g. cancellation)."""
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return UpstreamTimeout(f"connecting to {url} timed out", phase="connect")
     if isinstance(exc, TimeoutError):  # our own deadline (asyncio.timeout_at)
-        what = "the first byte" if phase == "ttft" else "the next chunk"
-        return UpstreamTimeout(f"{url}: no {what} within the {phase} timeout", phase=phase)
+        return _timeout(url, phase)
     if isinstance(exc, aiohttp.ClientPayloadError):
         return UpstreamProtocolError(f"{url}: response body incomplete or malformed: {exc}")
     if isinstance(exc, aiohttp.ClientConnectionError | OSError):
@@ -91,9 +97,28 @@ def _translate(exc: BaseException, url: str, phase: str) -> Exception | None:
 
 
 class HttpResponse:
-    """An upstream answer whose headers arrived; the body is read at most once."""
+    """An upstream answer whose headers arrived; the body is read at most once.
 
-    __slots__ = ("_done", "_first_deadline", "_got_first", "_owner", "_resp", "headers", "status")
+    Read deadlines are kept by one lazily re-armed timer per response instead of an
+    ``asyncio.timeout`` per chunk: a chunk only moves a float, the timer wakes at the
+    (possibly stale) deadline and either re-arms or cancels the reading task. That cut
+    the client CPU per streamed chunk by about half (docs in the module header).
+    """
+
+    __slots__ = (
+        "_deadline",
+        "_done",
+        "_expired",
+        "_first_deadline",
+        "_got_first",
+        "_loop",
+        "_owner",
+        "_reader",
+        "_resp",
+        "_timer",
+        "headers",
+        "status",
+    )
 
     def __init__(
         self, resp: aiohttp.ClientResponse, first_deadline: float, owner: HttpTransport
@@ -101,9 +126,14 @@ class HttpResponse:
         self.status = resp.status
         self.headers: Mapping[str, str] = {k.lower(): v for k, v in resp.headers.items()}
         self._resp = resp
+        self._loop = asyncio.get_running_loop()
         self._first_deadline = first_deadline
         self._got_first = False
         self._done = False
+        self._deadline = math.inf
+        self._timer: asyncio.TimerHandle | None = None
+        self._reader: asyncio.Task[Any] | None = None
+        self._expired = False
         self._owner = owner
         owner._open += 1
 
@@ -112,10 +142,23 @@ class HttpResponse:
             return
         self._done = True
         self._owner._open -= 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if abort:
             self._resp.close()  # drop the connection: it is mid-body
         else:
             self._resp.release()  # back to the pool if the body was read to the end
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._reader is None:  # not reading now: the next read sets a new deadline
+            return
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            return
+        self._expired = True
+        self._reader.cancel()
 
     async def next_chunk(self, idle_s: float | None = None) -> bytes:
         """The next body bytes as they arrive; ``b""`` at the end (the connection is then
@@ -123,20 +166,31 @@ class HttpResponse:
         if self._done:
             return b""
         if not self._got_first:
-            deadline: float | None = self._first_deadline
+            self._deadline = self._first_deadline
             phase = "ttft"
         else:
-            deadline = None if idle_s is None else asyncio.get_running_loop().time() + idle_s
+            self._deadline = math.inf if idle_s is None else self._loop.time() + idle_s
             phase = "idle"
+        if self._deadline != math.inf and (
+            self._timer is None or self._timer.when() > self._deadline
+        ):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+        task = self._reader = asyncio.current_task()
+        self._expired = False
         try:
-            async with asyncio.timeout_at(deadline):
-                chunk = await self._resp.content.readany()
+            chunk = await self._resp.content.readany()
         except BaseException as exc:
             self._finish(abort=True)
+            if self._expired and task is not None and task.uncancel() == 0:
+                raise _timeout(str(self._resp.url), phase) from exc
             error = _translate(exc, str(self._resp.url), phase)
             if error is None:
                 raise
             raise error from exc
+        finally:
+            self._reader = None
         if chunk:
             self._got_first = True
         else:
@@ -231,7 +285,7 @@ class HttpTransport:
                 resp = await session.request(
                     request.method,
                     request.url,
-                    headers=dict(request.headers),
+                    headers=request.headers,
                     data=request.body,
                     timeout=timeout,
                     allow_redirects=False,
