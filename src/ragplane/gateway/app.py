@@ -69,6 +69,7 @@ class GatewayApp:
                 HttpRoute("/v1/embeddings", self.embeddings, methods=["POST"]),
                 HttpRoute("/v1/models", self.models, methods=["GET"]),
                 HttpRoute("/v1/health/routes", self.route_health, methods=["GET"]),
+                HttpRoute("/health", self.health, methods=["GET"]),
             ]
         )
 
@@ -87,7 +88,7 @@ class GatewayApp:
         api: Api = "anthropic" if "anthropic-version" in request.headers else "openai"
         begun = _Begun(time.perf_counter(), new_request_id())
         try:
-            await self._authenticate(request, begun)
+            await self._authenticate(request, begun, need_tenant=False)
         except (ApiError, GatewayError) as exc:
             return _error(api, exc, begun)
         names = sorted(self.router.aliases())
@@ -118,10 +119,14 @@ class GatewayApp:
             }
         return _json(payload, begun)
 
+    async def health(self, request: Request) -> Response:
+        """Liveness, unauthenticated: the process serves requests."""
+        return Response(b'{"status":"ok"}', media_type=_JSON)
+
     async def route_health(self, request: Request) -> Response:
         begun = _Begun(time.perf_counter(), new_request_id())
         try:
-            await self._authenticate(request, begun)
+            await self._authenticate(request, begun, need_tenant=False)
         except (ApiError, GatewayError) as exc:
             return _error("openai", exc, begun)
         aliases = {}
@@ -154,13 +159,17 @@ class GatewayApp:
 
     # -- the call path ---------------------------------------------------------------
 
-    async def _authenticate(self, request: Request, begun: _Begun) -> GatewayPrincipal:
+    async def _authenticate(
+        self, request: Request, begun: _Begun, *, need_tenant: bool = True
+    ) -> GatewayPrincipal:
         headers = request.headers
         key = headers.get("x-api-key")
         if key is None:
             scheme, _, credential = headers.get("authorization", "").partition(" ")
             key = credential.strip() if scheme.lower() == "bearer" else None
-        principal = await self.auth.authenticate(key, headers.get("x-tenant-id"))
+        principal = await self.auth.authenticate(
+            key, headers.get("x-tenant-id"), need_tenant=need_tenant
+        )
         begun.principal = principal
         if principal.service:
             # a platform service continues its own request id and trace

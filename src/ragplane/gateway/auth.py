@@ -52,13 +52,18 @@ class GatewayAuth:
         self._cache_s = cache_s
         self._virtual: dict[bytes, tuple[float, str, str]] = {}  # hash → (expiry, tenant, key id)
 
-    async def authenticate(self, key: str | None, tenant_header: str | None) -> GatewayPrincipal:
+    async def authenticate(
+        self, key: str | None, tenant_header: str | None, *, need_tenant: bool = True
+    ) -> GatewayPrincipal:
+        """The caller; ``need_tenant=False`` (listings, health) lets a service key name none."""
         if not key:
             raise Unauthorized("a gateway key is required (Authorization: Bearer, or x-api-key)")
         digest = hashlib.sha256(key.encode()).digest()
         for i, known in enumerate(self._service):
             if hmac.compare_digest(digest, known):
                 if not tenant_header:
+                    if not need_tenant:
+                        return GatewayPrincipal(tenant_id="", service=True, key_id=f"service:{i}")
                     raise Forbidden("a service key must name the tenant in X-Tenant-Id")
                 await self._require_tenant(tenant_header)
                 return GatewayPrincipal(
