@@ -129,7 +129,9 @@ class WorkerSettings(_Frozen):
 
     concurrency: int = Field(default=1, ge=1, le=64, description="Jobs run at once.")
     batch_documents: int = Field(
-        default=64, ge=1, description="Documents embedded and committed together."
+        default=256,  # the Ingestor's default: see docs/benchmarks.md (ingestion throughput)
+        ge=1,
+        description="Documents embedded and committed together (ingest jobs, model switches).",
     )
     max_attempts: int = Field(
         default=5, ge=1, description="Runs of one job (crashes and retries) before it fails."
