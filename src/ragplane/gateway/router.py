@@ -335,6 +335,11 @@ class Router:
                                 yield frame
                         if translator.finished:
                             break
+                    else:
+                        # the body ended: an event may lack its closing blank line
+                        for event in decoder.flush():
+                            for frame in translator.feed(event):
+                                yield frame
             if not translator.finished:
                 raise StreamInterrupted("the provider's stream ended without its final event")
             closed_early = False
