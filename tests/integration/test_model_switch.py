@@ -9,26 +9,28 @@ between batches, through :class:`ModelSwitcher` directly.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from ragplane.config import WorkerSettings
 from ragplane.control.namespaces import NamespaceConfig, get_namespace
 from ragplane.data import Database
 from ragplane.errors import ModelMismatch
-from ragplane.knowledge.ingest import embedding_input
-from ragplane.knowledge.jobs import IngestJob, get_job
+from ragplane.knowledge.ingest import Ingestor, embedding_input
+from ragplane.knowledge.jobrunner import IngestRunner
+from ragplane.knowledge.jobs import TRANSIENT, IngestJob, Upload, get_job
 from ragplane.knowledge.models import EmbedderRegistry, ModelSwitched
 from ragplane.knowledge.parsers import parse
 from ragplane.knowledge.search import Retriever
 from ragplane.knowledge.switch import SwitchRefused, namespace_state, request_switch
 from ragplane.knowledge.switchrunner import ModelSwitcher, SwitchProgress
-from ragplane.knowledge.types import ParsedDocument
+from ragplane.knowledge.types import Embedder, ParsedDocument
 from ragplane.platform import Platform
 from tests.conftest import PgCluster, make_settings
 from tests.integration.test_ingest_jobs import KB, REFUND, SHIPPING, TENANT, drain, make_namespace
@@ -403,3 +405,73 @@ async def test_a_switch_of_one_tenant_leaves_another_tenant_untouched(
         "kb://docs/shipping.md",
     }
     assert (await pinned(platform)).embedding_model == CLS
+
+
+class SwitchWhileEmbedding:
+    """The old model's embedder, which runs a whole switch to the new model the first
+    time it is asked to embed: the ingest run that called it meets the swap."""
+
+    def __init__(self, inner: Embedder, switch: Callable[[], Awaitable[None]]) -> None:
+        self.inner = inner
+        self._switch: Callable[[], Awaitable[None]] | None = switch
+
+    @property
+    def model_id(self) -> str:
+        return self.inner.model_id
+
+    @property
+    def dimensions(self) -> int:
+        return self.inner.dimensions
+
+    @property
+    def max_tokens(self) -> int:
+        return self.inner.max_tokens
+
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
+
+    async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        if self._switch is not None:
+            switch, self._switch = self._switch, None
+            await switch()
+        return await self.inner.embed(texts)
+
+
+async def test_an_ingest_job_that_meets_the_swap_writes_nothing_old_and_its_retry_succeeds(
+    platform: Platform, ns: NamespaceConfig
+) -> None:
+    registry = embedders_of(platform)
+    mean, cls = registry.find(MEAN), registry.find(CLS)
+    assert mean is not None
+    assert cls is not None
+    switch_job = await switch(platform, ns)
+
+    async def run_switch() -> None:
+        assert await ModelSwitcher(db_of(platform), registry).run(TENANT, switch_job.id) == (
+            "succeeded"
+        )
+
+    ingestor = Ingestor(
+        db_of(platform), EmbedderRegistry([SwitchWhileEmbedding(mean, run_switch), cls])
+    )
+    runner = IngestRunner(db_of(platform), ingestor, max_upload_bytes=4096, max_attempts=3)
+    assert platform.ingest_queue is not None
+    job = await platform.ingest_queue.enqueue(
+        db_of(platform), ns, [Upload("kb://docs/refund.md", REFUND_V2)], max_upload_bytes=4096
+    )
+    with pytest.raises(ModelSwitched, match=f"answered with '{CLS}'") as raised:
+        await runner.run(TENANT, job.id)
+    # transient: the job stays running (its task is retried); nothing of the old model
+    assert isinstance(raised.value, TRANSIENT)
+    assert (await job_of(platform, job)).status == "running"
+    assert set(await chunks_per_model(platform)) == {CLS}
+    await assert_every_document_embedded_with(platform, CLS)
+    # the retry reads the new pin and embeds with the new model
+    assert await runner.run(TENANT, job.id) == "succeeded"
+    await assert_every_document_embedded_with(platform, CLS)
+    refund = await rows(
+        platform,
+        "SELECT c.text FROM chunks c JOIN documents d ON d.id = c.document_id "
+        "WHERE d.source_uri = 'kb://docs/refund.md'",
+    )
+    assert any("vouchers" in r["text"] for r in refund)

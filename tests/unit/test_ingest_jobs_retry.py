@@ -12,6 +12,7 @@ from procrastinate.jobs import Job
 from ragplane.errors import DatabaseUnavailable, EmbeddingError, IngestError, ModelMismatch
 from ragplane.knowledge.jobrunner import final_status
 from ragplane.knowledge.jobs import INGEST_TASK, IngestQueue
+from ragplane.knowledge.models import ModelSwitched
 
 
 def policy(max_attempts: int = 3, wait_s: int = 5) -> procrastinate.BaseRetryStrategy:
@@ -40,7 +41,14 @@ def retry_in_s(decision: procrastinate.RetryDecision | None) -> float | None:
     return round((decision.retry_at - datetime.datetime.now(datetime.UTC)).total_seconds())
 
 
-@pytest.mark.parametrize("error", [DatabaseUnavailable("down"), EmbeddingError("503")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        DatabaseUnavailable("down"),
+        EmbeddingError("503"),
+        ModelSwitched("switched mid-job", namespace="kb", active_model="m2"),
+    ],
+)
 def test_transient_errors_are_retried_with_doubling_waits(error: Exception) -> None:
     p = policy()
     assert retry_in_s(p.get_retry_decision(exception=error, job=job(0))) == 5
