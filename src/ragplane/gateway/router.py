@@ -30,6 +30,7 @@ from ragplane.errors import (
     UpstreamTimeout,
 )
 from ragplane.gateway.apierrors import upstream_error
+from ragplane.gateway.breaker import counts_against_route
 from ragplane.gateway.bulkhead import Bulkhead
 from ragplane.gateway.ledger import LedgerSink
 from ragplane.gateway.pricing import cost_usd
@@ -439,7 +440,10 @@ class Router:
                 tally.last_error = exc
                 # caller mistakes (4xx) do not count against the route
                 state = await self._breaker.record(
-                    route, admission, ok=not exc.retryable, latency_ms=_ms_since(started)
+                    route,
+                    admission,
+                    ok=not counts_against_route(exc),
+                    latency_ms=_ms_since(started),
                 )
                 self._note(route, state)
                 decision = budget.decide(exc)
@@ -457,8 +461,9 @@ class Router:
                 await budget.sleep(decision.delay_s)
                 continue
             except BaseException:
-                # cancelled (the caller went away) or a bug: a probe lease must not leak
-                await self._breaker.record(route, admission, ok=True, latency_ms=0.0)
+                # cancelled (the caller went away) or a bug: no outcome, but a probe's
+                # lease must not leak
+                await self._breaker.release(route, admission)
                 raise
             state = await self._breaker.record(
                 route, admission, ok=True, latency_ms=_ms_since(started)
