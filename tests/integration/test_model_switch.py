@@ -475,3 +475,44 @@ async def test_an_ingest_job_that_meets_the_swap_writes_nothing_old_and_its_retr
         "WHERE d.source_uri = 'kb://docs/refund.md'",
     )
     assert any("vouchers" in r["text"] for r in refund)
+
+
+async def test_a_switch_that_fails_for_good_leaves_the_namespace_on_its_model(
+    platform: Platform, ns: NamespaceConfig
+) -> None:
+    registry = embedders_of(platform)
+    retriever = Retriever(db_of(platform), registry)
+    # a switch whose worker kept dying gives up ...
+    job = await switch(platform, ns)
+    async with db_of(platform).tenant(TENANT) as s:
+        await s.execute(
+            "UPDATE ingest_jobs SET attempts = 3, status = 'running' WHERE id = %s", (job.id,)
+        )
+    assert await ModelSwitcher(db_of(platform), registry, max_attempts=3).run(TENANT, job.id) == (
+        "failed"
+    )
+    # ... and one that failed unexpectedly on its last attempt is recorded as failed
+    assert await switch(platform, ns)  # allowed again: the namespace stopped switching
+    state = await namespace_state(db_of(platform), TENANT, KB)
+    assert state is not None
+    assert state.switch_job_id is not None
+    await ModelSwitcher(db_of(platform), registry).fail(
+        TENANT, state.switch_job_id, RuntimeError("boom")
+    )
+    jobs = await rows(platform, "SELECT status, errors FROM ingest_jobs ORDER BY created_at")
+    assert [(j["status"], [e["code"] for e in j["errors"]]) for j in jobs] == [
+        ("failed", ["gave_up"]),
+        ("failed", ["internal_error"]),
+    ]
+    assert "RuntimeError: boom" in jobs[1]["errors"][0]["message"]
+    state = await namespace_state(db_of(platform), TENANT, KB)
+    assert state is not None
+    assert (state.active_model, state.switching_to, state.switch_job_id) == (MEAN, None, None)
+    assert (await pinned(platform)).embedding_model == MEAN
+    result = await retriever.search(ns, "What is the refund policy for EU customers?")
+    assert (result.embedding_model, result.documents[0].source_uri) == (MEAN, "kb://docs/refund.md")
+    # a later switch goes through
+    again = await switch(platform, ns)
+    await drain(platform)
+    assert (await job_of(platform, again)).status == "succeeded"
+    await assert_every_document_embedded_with(platform, CLS)

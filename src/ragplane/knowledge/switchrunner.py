@@ -231,10 +231,11 @@ class ModelSwitcher:
             )
             if state is not None and state["switch_job_id"] == claim.job_id:
                 pending = await s.fetch_one(
-                    "SELECT count(*) AS n FROM documents d WHERE namespace = %s AND NOT EXISTS "
-                    "(SELECT 1 FROM chunks t WHERE t.document_id = d.id "
-                    "AND t.embedding_model = %s)",
-                    (claim.namespace, claim.target),
+                    "SELECT count(*) AS n FROM documents d WHERE namespace = %s "
+                    "AND EXISTS (SELECT 1 FROM chunks c WHERE c.document_id = d.id "
+                    "AND c.embedding_model = %s) AND NOT EXISTS (SELECT 1 FROM chunks t "
+                    "WHERE t.document_id = d.id AND t.embedding_model = %s)",
+                    (claim.namespace, claim.source, claim.target),
                 )
                 assert pending is not None
                 await self._progress(s, claim, "embedding", pending=int(pending["n"]))
@@ -302,10 +303,16 @@ class ModelSwitcher:
         return int(row["kb_version"])
 
     async def _cleanup(self, tenant_id: str, claim: _Claim) -> int:
-        """Delete chunks of models the namespace neither answers with nor is switching to."""
+        """Delete chunks of models the namespace neither answers with nor is switching to,
+        a batch per transaction, each under the namespace lock (an ingest that replaces a
+        document deletes its chunks of every model: the BM25 statistics rows they both
+        update are then never updated by both at once)."""
         deleted = 0
         while True:
             async with self._db.tenant(tenant_id) as s:
+                await s.execute(
+                    "SELECT 1 FROM kb_state WHERE namespace = %s FOR UPDATE", (claim.namespace,)
+                )
                 n = await s.execute(
                     "DELETE FROM chunks WHERE id IN (SELECT c.id FROM chunks c "
                     "JOIN kb_state k ON k.tenant_id = c.tenant_id AND k.namespace = c.namespace "
