@@ -64,7 +64,8 @@ async def serve_asgi(app: ASGIApp) -> AsyncIterator[str]:
 def gateway_settings(mock_url: str, **aliases: Any) -> GatewaySettings:
     """Providers ``mock-openai`` and ``mock-anthropic`` on the mock, a dead provider,
     models with prices, and aliases: ``fast`` (OpenAI), ``claude`` (Anthropic),
-    ``failover`` (dead route first, then ``fast``'s model), ``emb`` (embeddings)."""
+    ``failover`` (dead route first, then ``fast``'s model), ``emb`` (embeddings),
+    ``claude-cached`` (automatic prompt-cache breakpoint after a long system prompt)."""
     providers = {
         "mock-openai": {"type": "openai", "base_url": f"{mock_url}/v1", "api_key": PROVIDER_KEY},
         "mock-anthropic": {"type": "anthropic", "base_url": mock_url, "api_key": PROVIDER_KEY},
@@ -84,6 +85,11 @@ def gateway_settings(mock_url: str, **aliases: Any) -> GatewaySettings:
     all_aliases: dict[str, Any] = {
         "fast": {"routes": [{"model": "gpt"}], "retry": fast_retry},
         "claude": {"routes": [{"model": "claude"}], "retry": fast_retry},
+        "claude-cached": {
+            "routes": [{"model": "claude"}],
+            "prompt_cache": True,
+            "prompt_cache_min_chars": 1000,
+        },
         "failover": {
             "routes": [{"model": "dead-gpt"}, {"model": "gpt"}],
             "retry": fast_retry,

@@ -160,7 +160,7 @@ async def test_models_lists_aliases_for_both_sdks(gateway: tuple[Gateway, str]) 
     _, url = gateway
     async with _openai(url) as client:
         names = [m.id async for m in client.models.list()]
-    assert names == ["claude", "emb", "failover", "fast"]
+    assert names == ["claude", "claude-cached", "emb", "failover", "fast"]
     async with _anthropic(url) as client:
         page = await client.models.list()
     assert [m.id for m in page.data] == names
@@ -239,6 +239,31 @@ async def test_anthropic_cache_control_passes_through_and_is_priced(
             + row["cache_write_tokens"] * 3.75
         ) / 1e6
         assert float(row["cost_usd"]) == pytest.approx(expected, abs=1e-9)
+
+
+async def test_automatic_cache_breakpoint_after_a_long_system_prompt(
+    gateway: tuple[Gateway, str],
+) -> None:
+    """The alias enables prompt caching; the caller sends no cache_control at all."""
+    _, url = gateway
+    system = "You answer questions about the refund policy. " * 60  # > 1000 chars
+    async with _anthropic(url) as client:
+        usages = [
+            (
+                await client.messages.create(
+                    model=alias,
+                    max_tokens=8,
+                    system=system,
+                    messages=[{"role": "user", "content": f"question {i}"}],
+                )
+            ).usage
+            for i, alias in enumerate(["claude-cached", "claude-cached", "claude"])
+        ]
+    assert (usages[0].cache_creation_input_tokens or 0) > 0  # the breakpoint was added
+    assert (usages[1].cache_read_input_tokens or 0) > 0
+    # the plain alias adds nothing: no cache activity at all
+    assert not usages[2].cache_creation_input_tokens
+    assert not usages[2].cache_read_input_tokens
 
 
 # -- errors: each protocol's shape, so each SDK raises its usual exception ---------------
