@@ -516,3 +516,22 @@ async def test_a_switch_that_fails_for_good_leaves_the_namespace_on_its_model(
     await drain(platform)
     assert (await job_of(platform, again)).status == "succeeded"
     await assert_every_document_embedded_with(platform, CLS)
+
+
+@pytest.mark.parametrize("model", [MEAN, CLS])
+async def test_each_local_model_has_its_own_hnsw_index(
+    platform: Platform, ns: NamespaceConfig, model: str
+) -> None:
+    """The dense query of the Retriever (the expression and filter of its ``dense`` CTE)
+    can use the partial HNSW index of the model it filters on."""
+    settings = {"enable_seqscan": "off"}  # a few rows: make the planner show its options
+    async with db_of(platform).tenant(TENANT, settings=settings) as s:
+        plan = await s.fetch_all(
+            "EXPLAIN SELECT c.id FROM chunks c "
+            "WHERE c.embedding_model = %(model)s AND c.namespace = %(ns)s "
+            "ORDER BY c.embedding::vector(384) <=> %(qv)s::vector(384) LIMIT 10",
+            {"model": model, "ns": KB, "qv": np.ones(384, dtype=np.float32)},
+        )
+    text = "\n".join(r["QUERY PLAN"] for r in plan)
+    index = "chunks_embedding_" + model.replace("-", "_") + "_idx"
+    assert f"Index Scan using {index}" in text, text
