@@ -26,7 +26,8 @@ so callers, handlers and (later) retries and breakers look only at this tree::
     │   ├── UpstreamProtocolError the provider sent bytes we cannot parse
     │   ├── NoHealthyRoute      every route of the alias is open or exhausted
     │   ├── BulkheadFull        too many concurrent calls for a tenant or route (429)
-    │   └── UnknownAlias        the model name is not a configured alias
+    │   ├── UnknownAlias        the model name is not a configured alias
+    │   └── RegionNotServed     no route of the alias may serve the tenant's home region
     └── ApiError                carries an HTTP status and a stable error code
         ├── BadRequest          400
         ├── Unauthorized        401 (credentials missing or not valid)
@@ -66,6 +67,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "RagplaneError",
+    "RegionNotServed",
     "StateStoreUnavailable",
     "StreamInterrupted",
     "TenantExists",
@@ -246,6 +248,13 @@ class BulkheadFull(GatewayError):
         super().__init__(message, **context)
         self.retry_after_s = retry_after_s
         self.scope = scope
+
+
+class RegionNotServed(GatewayError):
+    """Every route of the alias is pinned to another region than the tenant's home."""
+
+    status_code = 403
+    code = "region_not_served"
 
 
 class UnknownAlias(GatewayError):

@@ -65,11 +65,18 @@ def gateway_settings(mock_url: str, **aliases: Any) -> GatewaySettings:
     """Providers ``mock-openai`` and ``mock-anthropic`` on the mock, a dead provider,
     models with prices, and aliases: ``fast`` (OpenAI), ``claude`` (Anthropic),
     ``failover`` (dead route first, then ``fast``'s model), ``emb`` (embeddings),
-    ``claude-cached`` (automatic prompt-cache breakpoint after a long system prompt)."""
+    ``claude-cached`` (automatic prompt-cache breakpoint after a long system prompt),
+    ``us-only`` (a provider pinned to region us) and ``us-first`` (then a regionless one)."""
     providers = {
         "mock-openai": {"type": "openai", "base_url": f"{mock_url}/v1", "api_key": PROVIDER_KEY},
         "mock-anthropic": {"type": "anthropic", "base_url": mock_url, "api_key": PROVIDER_KEY},
         "dead": {"type": "openai", "base_url": f"http://127.0.0.1:{closed_port()}/v1"},
+        "mock-us": {
+            "type": "openai",
+            "base_url": f"{mock_url}/v1",
+            "api_key": PROVIDER_KEY,
+            "region": "us",
+        },
     }
     models = {
         "gpt": {"provider": "mock-openai", "upstream": "mock-gpt", **PRICES["openai"]},
@@ -80,6 +87,7 @@ def gateway_settings(mock_url: str, **aliases: Any) -> GatewaySettings:
         },
         "dead-gpt": {"provider": "dead", "upstream": "mock-gpt"},
         "embed": {"provider": "mock-openai", "upstream": "mock-embedding", "kind": "embedding"},
+        "gpt-us": {"provider": "mock-us", "upstream": "mock-gpt"},
     }
     fast_retry = {"attempts": 2, "base_s": 0.0, "max_backoff_s": 0.0}
     all_aliases: dict[str, Any] = {
@@ -96,6 +104,8 @@ def gateway_settings(mock_url: str, **aliases: Any) -> GatewaySettings:
             "timeouts": {"connect_s": 1.0},
         },
         "emb": {"routes": [{"model": "embed"}]},
+        "us-only": {"routes": [{"model": "gpt-us"}]},
+        "us-first": {"routes": [{"model": "gpt-us"}, {"model": "gpt"}]},
     }
     all_aliases.update(aliases)
     return GatewaySettings.model_validate(

@@ -160,7 +160,7 @@ async def test_models_lists_aliases_for_both_sdks(gateway: tuple[Gateway, str]) 
     _, url = gateway
     async with _openai(url) as client:
         names = [m.id async for m in client.models.list()]
-    assert names == ["claude", "claude-cached", "emb", "failover", "fast"]
+    assert names == ["claude", "claude-cached", "emb", "failover", "fast", "us-first", "us-only"]
     async with _anthropic(url) as client:
         page = await client.models.list()
     assert [m.id for m in page.data] == names
@@ -264,6 +264,33 @@ async def test_automatic_cache_breakpoint_after_a_long_system_prompt(
     # the plain alias adds nothing: no cache activity at all
     assert not usages[2].cache_creation_input_tokens
     assert not usages[2].cache_read_input_tokens
+
+
+async def test_routes_pinned_to_another_region_never_serve_the_tenant(
+    gateway: tuple[Gateway, str],
+) -> None:
+    """tnt_alpha lives in eu; tnt_gamma in us. A provider pinned to us serves only the latter."""
+    _, url = gateway
+    messages: Any = [{"role": "user", "content": "where am I served?"}]
+    async with _openai(url) as eu:
+        with pytest.raises(openai.PermissionDeniedError) as oe:
+            await eu.chat.completions.create(model="us-only", messages=messages)
+        assert "region" in oe.value.message
+        raw = await eu.chat.completions.with_raw_response.create(
+            model="us-first", messages=messages
+        )
+        assert raw.headers["x-ragplane-route"] == "us-first/gpt"  # the us route was skipped
+    us = openai.AsyncOpenAI(
+        base_url=f"{url}/v1",
+        api_key=SERVICE_KEY,
+        default_headers={"X-Tenant-Id": "tnt_gamma"},
+        max_retries=0,
+    )
+    async with us:
+        raw = await us.chat.completions.with_raw_response.create(
+            model="us-first", messages=messages
+        )
+    assert raw.headers["x-ragplane-route"] == "us-first/gpt-us"
 
 
 # -- errors: each protocol's shape, so each SDK raises its usual exception ---------------

@@ -1,1 +1,4 @@
-"""LLM gateway: OpenAI/Anthropic-compatible API, routing, resilience, cost ledger (docs/gateway.md)."""
+"""LLM gateway: OpenAI/Anthropic-compatible API, routing, resilience and the cost ledger.
+
+The design is in docs/gateway.md.
+"""

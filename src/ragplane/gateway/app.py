@@ -186,6 +186,7 @@ class GatewayApp:
             body = _parse_body(await request.body())
             alias = _alias(body)
             headers = request.headers
+            trace = begun.trace or TraceContext.mint()
             call = Call(
                 api=api,
                 alias=alias,
@@ -195,7 +196,9 @@ class GatewayApp:
                 stream=kind == "chat" and body.get("stream") is True,
                 kind="embeddings" if kind == "embeddings" else "chat",
                 feature_id=headers.get("x-feature-id"),
-                trace_id=(begun.trace or TraceContext.mint()).trace_id,
+                trace_id=trace.trace_id,
+                traceparent=trace.traceparent,
+                region=principal.region,
                 pool="batch" if headers.get("x-ragplane-pool") == "batch" else "interactive",
                 headers={h: headers[h] for h in _PASS_HEADERS if h in headers},
             )

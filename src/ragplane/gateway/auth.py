@@ -20,6 +20,7 @@ import hmac
 import time
 from dataclasses import dataclass
 
+from ragplane.config import Region
 from ragplane.control.apikeys import KEY_PREFIX, find_api_key
 from ragplane.control.tenants import TenantRegistry
 from ragplane.data.db import Database
@@ -35,6 +36,7 @@ class GatewayPrincipal:
     tenant_id: str
     service: bool  # a service key: request ids from the caller are honoured
     key_id: str
+    region: Region | None = None  # the tenant's home region (routes are pinned to it)
 
 
 class GatewayAuth:
@@ -65,14 +67,15 @@ class GatewayAuth:
                     if not need_tenant:
                         return GatewayPrincipal(tenant_id="", service=True, key_id=f"service:{i}")
                     raise Forbidden("a service key must name the tenant in X-Tenant-Id")
-                await self._require_tenant(tenant_header)
+                region = await self._home_region(tenant_header)
                 return GatewayPrincipal(
-                    tenant_id=tenant_header, service=True, key_id=f"service:{i}"
+                    tenant_id=tenant_header, service=True, key_id=f"service:{i}", region=region
                 )
         tenant_id, key_id = await self._virtual_key(key, digest)
         if tenant_header and tenant_header != tenant_id:
             raise Forbidden("X-Tenant-Id names another tenant than the key's")
-        return GatewayPrincipal(tenant_id=tenant_id, service=False, key_id=key_id)
+        region = await self._home_region(tenant_id)
+        return GatewayPrincipal(tenant_id=tenant_id, service=False, key_id=key_id, region=region)
 
     async def _virtual_key(self, key: str, digest: bytes) -> tuple[str, str]:
         now = time.monotonic()
@@ -95,10 +98,14 @@ class GatewayAuth:
         self._virtual[digest] = (now + self._cache_s, found.tenant_id, found.id)
         return found.tenant_id, found.id
 
-    async def _require_tenant(self, tenant_id: str) -> None:
+    async def _home_region(self, tenant_id: str) -> Region | None:
+        """The registered, active tenant's home region (cached by the registry)."""
         if self._registry is None:
-            return
+            return None
         try:
-            await self._registry.get(tenant_id)
+            tenant = await self._registry.get(tenant_id)
         except TenantNotFound as exc:
             raise Forbidden(f"tenant {tenant_id!r} is not registered") from exc
+        if not tenant.active:
+            raise Forbidden(f"tenant {tenant_id!r} is {tenant.status}")
+        return tenant.home_region

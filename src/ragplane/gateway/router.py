@@ -17,13 +17,14 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar, cast
 
 from ragplane.config import GatewaySettings
 from ragplane.errors import (
     GatewayError,
     NoHealthyRoute,
+    RegionNotServed,
     StreamInterrupted,
     UnknownAlias,
     UpstreamProtocolError,
@@ -47,6 +48,7 @@ from ragplane.gateway.types import (
     Route,
     StreamTranslator,
     Transport,
+    UpstreamRequest,
     UpstreamResponse,
     Usage,
 )
@@ -76,6 +78,8 @@ class Call:
     trace_id: str | None = None
     pool: Pool = "interactive"
     headers: Mapping[str, str] = field(default_factory=dict)
+    region: str | None = None  # the tenant's home region: routes pinned elsewhere are skipped
+    traceparent: str | None = None  # forwarded to providers
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +110,13 @@ class _Tally:
 
 
 _FAIL_OVER: Any = object()
+
+
+def _traced(request: UpstreamRequest, call: Call) -> UpstreamRequest:
+    """The caller's trace continues at the provider (W3C traceparent)."""
+    if call.traceparent is None:
+        return request
+    return replace(request, headers={**request.headers, "traceparent": call.traceparent})
 
 
 async def _raise_for_status(route: Route, response: UpstreamResponse) -> None:
@@ -168,10 +179,25 @@ class Router:
     def aliases(self) -> Mapping[str, tuple[Route, ...]]:
         return self._routes
 
-    def plan(self, alias: str) -> list[Route]:
-        """Routes to try, in order: the alias's own (healthy first), then its fallbacks'."""
+    def plan(self, alias: str, region: str | None = None) -> list[Route]:
+        """Routes to try, in order: the alias's own (healthy first), then its fallbacks'.
+
+        With ``region``, routes whose provider is pinned to another region are left out:
+        a tenant's prompts are never sent for inference outside its home region.
+        """
         if alias not in self._routes:
             raise UnknownAlias(f"model {alias!r} is not a configured alias")
+        plan = self._plan(alias)
+        if region is None:
+            return plan
+        allowed = [r for r in plan if r.provider.region in (None, region)]
+        if plan and not allowed:
+            raise RegionNotServed(
+                f"no route of {alias!r} may serve region {region!r} (the tenant's home)"
+            )
+        return allowed
+
+    def _plan(self, alias: str) -> list[Route]:
         plan: list[Route] = []
         seen_aliases: set[str] = set()
         queue = [alias]
@@ -221,7 +247,7 @@ class Router:
                 if call.kind == "embeddings"
                 else adapter_for(call.api, route)
             )
-            request = adapter.build_request(call.body, route, headers=call.headers)
+            request = _traced(adapter.build_request(call.body, route, headers=call.headers), call)
             timeouts = route.policy.timeouts
             sent = time.perf_counter()
             try:
@@ -270,7 +296,7 @@ class Router:
 
         async def attempt(route: Route) -> StreamResult:
             adapter = adapter_for(call.api, route)
-            request = adapter.build_request(call.body, route, headers=call.headers)
+            request = _traced(adapter.build_request(call.body, route, headers=call.headers), call)
             timeouts = route.policy.timeouts
             sent = time.perf_counter()
             response = await self._send(route, request, timeouts.connect_s, timeouts.ttft_s)
@@ -393,7 +419,7 @@ class Router:
         tally: _Tally,
         attempt: Callable[[Route], Awaitable[T]],
     ) -> T:
-        plan = self.plan(call.alias)
+        plan = self.plan(call.alias, call.region)
         budget = RetryBudget(self.settings.aliases[call.alias].retry, rng=self._rng)
         for route in plan:
             if (call.kind == "embeddings") != (route.model.kind == "embedding"):
