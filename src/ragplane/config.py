@@ -49,6 +49,7 @@ __all__ = [
     "Region",
     "Settings",
     "WorkerSettings",
+    "child_process_env",
     "is_loopback_host",
     "load_settings",
 ]
@@ -340,6 +341,15 @@ class GatewaySettings(_Frozen):
                 if fallback not in self.aliases or fallback == name:
                     raise ValueError(f"aliases.{name} falls back to unknown alias {fallback!r}")
         return self
+
+
+def child_process_env(**extra: str) -> dict[str, str]:
+    """The environment for a process the platform starts with its own settings file
+    (benchmarks): this one's, without ``RAGPLANE_*`` and ``DATABASE_URL``, plus ``extra``."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) and k != "DATABASE_URL"
+    }
+    return env | extra
 
 
 def is_loopback_host(host: str) -> bool:
