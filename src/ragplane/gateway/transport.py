@@ -101,8 +101,9 @@ class HttpResponse:
 
     Read deadlines are kept by one lazily re-armed timer per response instead of an
     ``asyncio.timeout`` per chunk: a chunk only moves a float, the timer wakes at the
-    (possibly stale) deadline and either re-arms or cancels the reading task. That cut
-    the client CPU per streamed chunk by about half (docs in the module header).
+    (possibly stale) deadline and either re-arms or cancels the reading task (a timeout
+    that fires while the caller is not reading is ignored: a slow consumer is not an idle
+    upstream).
     """
 
     __slots__ = (
