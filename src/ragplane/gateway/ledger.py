@@ -11,18 +11,18 @@
       queue → batches of batch_size → write_ledger_rows (one transaction each)
       a batch the database does not take → appended to the spill file, retried with backoff
       spill files → replayed in batches; a file is removed only after all its rows committed
-    stop(timeout): drain the queue and the spill files; whatever the database does not take
-      in time (it is gone) stays in a spill file, replayed by the next start()
+    stop(timeout_s): drain the queue and the spill files; whatever the database does not
+      take in time (it is gone) stays in a spill file, replayed by the next start()
 
-Every row carries an id minted at ``submit`` (time-ordered UUID) and is inserted with
-``ON CONFLICT DO NOTHING``, so a row written twice (a crash between a commit and the
-removal of its spill file, a batch cancelled mid-commit at shutdown and spilled) is
-stored once. Rows the database refuses (an unregistered tenant, a value out of range)
-go to ``rejected.jsonl`` beside the spill files, with an error log; no row is dropped
-without a trace. Spill files survive a crash of the process (each line is one write),
-not of the machine (no fsync per line). Each live sink holds an ``flock`` on its own
-spill file, so sinks sharing a data directory never take each other's live files;
-``start`` claims the files of sinks that are gone.
+Every row gets an id when it is made (by the flusher, or when it is spilled): a
+time-ordered UUID, inserted with ``ON CONFLICT DO NOTHING``, so a row written twice (a
+crash between a commit and the removal of its spill file, a batch cancelled mid-commit
+at shutdown and spilled) is stored once. Rows the database refuses (an unregistered
+tenant, a value out of range) go to ``rejected.jsonl`` beside the spill files, with an
+error log; no row is dropped without a trace. What ``stop`` does not get to run for
+(SIGKILL, out of memory) loses the rows still in memory: at most ``queue_size`` plus one
+batch; spilled rows survive (see ``ledger_spill``). ``submit`` belongs to the event
+loop's thread.
 """
 
 from __future__ import annotations
