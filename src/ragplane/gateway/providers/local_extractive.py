@@ -38,6 +38,7 @@ text. The answer is deterministic (ids and ``created`` are not).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -233,6 +234,7 @@ def _word_tokens(words: int) -> int:
     return words + words // 3
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _stem(word: str) -> str:
     for suffix in _SUFFIXES:
         if word.endswith(suffix) and len(word) - len(suffix) >= 3:
@@ -242,7 +244,11 @@ def _stem(word: str) -> str:
 
 
 def _terms(text: str) -> list[str]:
-    return [_stem(w) for w in _WORD.findall(text.lower()) if w not in _STOP and len(w) > 1]
+    return _content_terms(_WORD.findall(text.lower()))
+
+
+def _content_terms(words: list[str]) -> list[str]:
+    return [_stem(w) for w in words if w not in _STOP and len(w) > 1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,12 +351,15 @@ def compose_answer(messages: Sequence[Mapping[str, Any]], max_tokens: int) -> An
     sentences: list[tuple[int, str, str, Counter[str]]] = []  # (order, marker, text, tf)
     doc_freq: Counter[str] = Counter()
     for passage in passages:
-        doc_freq.update(set(_terms(passage.text)))
+        seen: set[str] = set()
         for piece in _SPLIT.split(passage.text):
             sentence = piece.strip()
-            terms = _terms(sentence)
-            if len(_WORD.findall(sentence.lower())) >= 3 and terms:
+            words = _WORD.findall(sentence.lower())
+            terms = _content_terms(words)
+            seen.update(terms)
+            if terms and len(words) >= 3:
                 sentences.append((len(sentences), passage.marker, sentence, Counter(terms)))
+        doc_freq.update(seen)
     if not q_terms or not sentences:
         return _not_found(max_tokens)
     n = len(passages)
@@ -370,12 +379,12 @@ def compose_answer(messages: Sequence[Mapping[str, Any]], max_tokens: int) -> An
     scored.sort(key=lambda s: (-s[0], s[1]))
     best = scored[0][0]
     chosen: list[tuple[int, str, str]] = []
-    words = 0
+    used = 0  # words of the answer so far
     for score, order, marker, sentence in scored[:MAX_SENTENCES]:
         more = len(sentence.split()) + 1  # the marker is a word too
-        if score >= RELATIVE_SCORE * best and _word_tokens(words + more) <= max_tokens:
+        if score >= RELATIVE_SCORE * best and _word_tokens(used + more) <= max_tokens:
             chosen.append((order, marker, sentence))
-            words += more
+            used += more
     if not chosen:
         _, _, marker, sentence = scored[0]
         return Answer(_truncate(f"{sentence} {marker}", max_tokens), "length", (marker,))
