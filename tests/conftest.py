@@ -36,6 +36,7 @@ TENANT_TABLES = (
     "documents",
     "chunks",
     "kb_terms",
+    "kb_postings",
     "kb_text_stats",
     "chat_sessions",
     "chat_messages",

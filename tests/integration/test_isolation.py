@@ -58,6 +58,7 @@ CONTROL_PLANE_TABLES = frozenset({"control.api_keys", "control.kb_namespaces"})
 TABLE_SHAPES: dict[str, tuple[str, str]] = {
     "public.kb_state": ("namespace", "active_model"),
     "public.kb_terms": ("lexeme", "namespace"),
+    "public.kb_postings": ("lexeme", "namespace"),
     "public.kb_text_stats": ("namespace", "embedding_model"),
     "public.documents": ("id", "title"),
     "public.chunks": ("id", "text"),
@@ -308,6 +309,13 @@ def insert_statement(
         return (
             "INSERT INTO kb_terms (tenant_id, namespace, embedding_model, lexeme, df) "
             "VALUES (%s, %s, 'test-3d', %s, %s) RETURNING lexeme",
+            (tenant, marker, f"{tenant}-lex-{n}", n + 1),
+            marker,
+        )
+    if table == "public.kb_postings":
+        return (
+            "INSERT INTO kb_postings (tenant_id, namespace, embedding_model, lexeme, chunk_id, "
+            "tf, dl) VALUES (%s, %s, 'test-3d', %s, gen_random_uuid(), 1, %s) RETURNING lexeme",
             (tenant, marker, f"{tenant}-lex-{n}", n + 1),
             marker,
         )

@@ -601,6 +601,11 @@ PK_PROBES: dict[str, tuple[str, Any]] = {
         "VALUES (%(tenant)s, 'probe', 'test-3d', %(pk)s, 1)",
         lambda: f"lex-probe-{uuid.uuid4().hex}",
     ),
+    "public.kb_postings": (
+        "INSERT INTO kb_postings (tenant_id, namespace, embedding_model, lexeme, chunk_id, tf, "
+        "dl) VALUES (%(tenant)s, 'probe', 'test-3d', %(pk)s, gen_random_uuid(), 1, 1)",
+        lambda: f"lex-probe-{uuid.uuid4().hex}",
+    ),
     "public.kb_text_stats": (
         "INSERT INTO kb_text_stats (tenant_id, namespace, embedding_model, chunks, "
         "tsv_length_total) VALUES (%(tenant)s, %(pk)s, 'test-3d', 1, 1)",

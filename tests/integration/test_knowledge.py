@@ -236,7 +236,8 @@ async def test_chunking_policy_is_per_namespace(
 
 
 async def _stats_are_exact(db: Database, tenant: str) -> None:
-    """kb_terms / kb_text_stats equal what the chunks say, recomputed from scratch."""
+    """kb_terms / kb_postings / kb_text_stats equal what the chunks say, recomputed from
+    scratch."""
     async with db.tenant(tenant) as s:
         kept = await s.fetch_all(
             "SELECT namespace, embedding_model, lexeme, df FROM kb_terms ORDER BY 1, 2, 3"
@@ -254,8 +255,18 @@ async def _stats_are_exact(db: Database, tenant: str) -> None:
             "sum(tsv_length) AS tsv_length_total FROM chunks WHERE tsv <> '' "
             "GROUP BY 1, 2 ORDER BY 1, 2"
         )
+        postings = await s.fetch_all(
+            "SELECT namespace, embedding_model, lexeme, chunk_id, tf, dl FROM kb_postings "
+            "ORDER BY 1, 2, 3, 4"
+        )
+        true_postings = await s.fetch_all(
+            "SELECT namespace, embedding_model, u.lexeme, id AS chunk_id, "
+            "coalesce(array_length(u.positions, 1), 1) AS tf, tsv_length AS dl "
+            "FROM chunks, unnest(tsv) AS u ORDER BY 1, 2, 3, 4"
+        )
     assert kept == truth
     assert kept_totals == true_totals
+    assert postings == true_postings
 
 
 async def test_bm25_statistics_stay_exact_through_every_change(kb: Kb) -> None:
@@ -274,6 +285,27 @@ async def test_bm25_statistics_stay_exact_through_every_change(kb: Kb) -> None:
         assert row == {"n": 0}
         row = await s.fetch_one("SELECT df FROM kb_terms WHERE lexeme = 'antwerp'")
         assert row == {"df": 1}
+
+
+async def test_deleting_chunks_touches_only_their_terms(kb: Kb) -> None:
+    """The statistics trigger updates the deleted chunks' lexemes by key; it does not
+    sweep the vocabulary (a stray zero row of another lexeme is left alone)."""
+    await kb.ingestor.ingest(kb.config, docs(refund=REFUND, shipping=SHIPPING))
+    async with kb.db.tenant("tnt_alpha") as s:
+        await s.execute(
+            "INSERT INTO kb_terms (tenant_id, namespace, embedding_model, lexeme, df) "
+            "VALUES ('tnt_alpha', 'elsewhere', 'all-minilm-l6-v2', 'stray', 0)"
+        )
+    result = await kb.retriever.search(kb.config, "Rotterdam warehouses")
+    shipping = next(d for d in result.documents if d.source_uri.endswith("shipping.md"))
+    assert await kb.ingestor.delete_document(kb.config, shipping.document_id)
+    async with kb.db.tenant("tnt_alpha") as s:
+        stray = await s.fetch_one("SELECT df FROM kb_terms WHERE lexeme = 'stray'")
+        gone = await s.fetch_one("SELECT count(*) AS n FROM kb_terms WHERE lexeme = 'rotterdam'")
+        await s.execute("DELETE FROM kb_terms WHERE lexeme = 'stray'")
+    assert stray == {"df": 0}
+    assert gone == {"n": 0}
+    await _stats_are_exact(kb.db, "tnt_alpha")
 
 
 # -- batches, the write pipeline and failures in the middle of a run -----------------------

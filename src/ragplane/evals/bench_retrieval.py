@@ -47,7 +47,7 @@ from ragplane.evals.metrics import ndcg_at_k, recall_at_k
 from ragplane.knowledge.embedder import LocalEmbedder, measure_throughput
 from ragplane.knowledge.ingest import Ingestor, IngestProgress
 from ragplane.knowledge.parsers import parse
-from ragplane.knowledge.search import FusionConfig, Retriever, SearchMode
+from ragplane.knowledge.search import FusionConfig, Retriever, SearchMode, rank_candidates
 
 __all__ = ["BeirDataset", "RetrievalBenchResult", "load_beir", "run_retrieval_bench"]
 
@@ -139,7 +139,9 @@ class RetrievalBenchResult:
                 "raw_embedder_tokens_per_s": round(self.raw_embed_tokens_per_s, 1),
                 "ratio_to_raw_embedder": round(
                     self.ingest_tokens_per_s / self.raw_embed_tokens_per_s, 3
-                ),
+                )
+                if self.raw_embed_tokens_per_s
+                else None,
                 "reingest_new_chunks": self.reingest_new_chunks,
                 "reingest_embedding_calls": self.reingest_embedding_calls,
                 "tokens": self.ingest_tokens,
@@ -298,14 +300,19 @@ async def run_retrieval_bench(
             f"raw embedder throughput on {len(sample)} of ingestion's {len(inputs)} "
             "embedding inputs"
         )
-        raw = measure_throughput(embedder, sample, batch_size=embedder.batch_size)
+        # a kept database (``--db-dir``) may have had nothing to embed
+        raw = measure_throughput(embedder, sample, batch_size=embedder.batch_size) if sample else {}
+        async with db.tenant(BENCH_TENANT) as s:
+            stored = await s.fetch_one(
+                "SELECT count(*) AS n FROM chunks WHERE namespace = %s", (BENCH_NAMESPACE,)
+            )
         result = RetrievalBenchResult(
             documents=first.documents,
-            chunks=first.chunks_written,
+            chunks=int(stored["n"]) if stored else first.chunks_written,
             queries=len(dataset.queries),
             ingest_docs_per_s=first.documents / first.elapsed_s,
             ingest_tokens_per_s=first.tokens_embedded / first.elapsed_s,
-            raw_embed_tokens_per_s=float(raw["tokens_per_s"]),
+            raw_embed_tokens_per_s=float(raw.get("tokens_per_s", 0.0)),
             ingest_s=first.elapsed_s,
             reingest_new_chunks=again.chunks_written,
             reingest_embedding_calls=again.embedding_calls,
@@ -320,11 +327,12 @@ async def run_retrieval_bench(
         retriever = Retriever(db, embedder)
         shipped = fusion or FusionConfig.from_mapping(config.retrieval)
         result.fusion = _fusion_dict(shipped)
-        await _score_ragplane(retriever, config, dataset, shipped, sweep, result, progress)
+        await _score_ragplane(db, retriever, config, dataset, shipped, sweep, result, progress)
     return result
 
 
 async def _score_ragplane(
+    db: Database,
     retriever: Retriever,
     config: NamespaceConfig,
     dataset: BeirDataset,
@@ -334,7 +342,13 @@ async def _score_ragplane(
     progress: Callable[[str], None],
 ) -> None:
     """nDCG@10, recall@10 and latency from the search as served (top 10 over the shipped
-    number of candidates); recall@100 from deeper lists (500 candidates per retriever)."""
+    number of candidates; latency: the whole ``search`` call, the query already embedded);
+    recall@100 from deeper lists (500 candidates per retriever)."""
+    async with db.tenant(config.tenant_id) as s:
+        rows = await s.fetch_all(
+            "SELECT id, source_uri, metadata FROM documents WHERE namespace = %s", (config.name,)
+        )
+    corpus_ids = {str(r["id"]): _corpus_id(r["metadata"], r["source_uri"]) for r in rows}
     vectors = {}
     embed_ms: dict[str, float] = {}
     for qid, text in dataset.queries.items():
@@ -349,17 +363,19 @@ async def _score_ragplane(
         deep: dict[str, list[str]] = {}
         latencies, with_embed = [], []
         for qid, text in dataset.queries.items():
+            t0 = time.perf_counter()
             served = await retriever.search(
                 config, text, top_k=10, mode=mode, query_vector=vectors[qid], fusion=shipped
             )
+            elapsed = (time.perf_counter() - t0) * 1000
             top10[qid] = [_corpus_id(d.best.metadata, d.source_uri) for d in served.documents]
-            latencies.append(served.timings_ms["retrieve"])
-            with_embed.append(served.timings_ms["retrieve"] + embed_ms[qid])
+            latencies.append(elapsed)
+            with_embed.append(elapsed + embed_ms[qid])
             found = await retriever.candidates(
                 config, text, k=500, mode=mode, query_vector=vectors[qid], fusion=shipped
             )
-            ranked = retriever.rank(config, text, found, fusion=shipped, mode=mode, top_k=100)
-            deep[qid] = [_corpus_id(d.best.metadata, d.source_uri) for d in ranked.documents]
+            _, documents = rank_candidates(found.rows, shipped, mode)
+            deep[qid] = [corpus_ids[d] for d, _, _ in documents[:100]]
             if mode == "hybrid":
                 hybrid_candidates[qid] = (
                     text,
@@ -378,9 +394,9 @@ async def _score_ragplane(
         result.retrievers[name] = replace(scores, recall_100=deep_scores.recall_100)
     for candidate in sweep:
         runs = {}
-        for qid, (text, found) in hybrid_candidates.items():
-            ranked = retriever.rank(config, text, found, fusion=candidate, mode="hybrid", top_k=10)
-            runs[qid] = [_corpus_id(d.best.metadata, d.source_uri) for d in ranked.documents]
+        for qid, (_text, found) in hybrid_candidates.items():
+            _, documents = rank_candidates(found.rows, candidate, "hybrid")
+            runs[qid] = [corpus_ids[d] for d, _, _ in documents[:10]]
         score = statistics.fmean(
             ndcg_at_k(runs.get(q, []), dataset.qrels[q], 10) for q in dataset.qrels
         )
@@ -397,13 +413,20 @@ def _fusion_dict(f: FusionConfig) -> dict[str, Any]:
 
 
 def default_sweep() -> list[FusionConfig]:
-    """Blend (both normalisations, with and without the lead bonus) and RRF over a grid
-    of lexical weights (dense weight 1 - lexical)."""
+    """Blend (both normalisations) and RRF over a grid of first-chunk and lexical weights
+    (the best-chunk dense weight is the rest of 1)."""
     out = []
-    for lw in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5):
-        base = replace(FusionConfig(), dense_weight=1 - lw, lexical_weight=lw)
-        out.append(replace(base, method="rrf"))
-        for norm in ("dbsf", "minmax"):
-            for lead in (0.0, 0.05):
-                out.append(replace(base, method="blend", normalization=norm, lead_bonus=lead))
+    for fw in (0.0, 0.3, 0.4, 0.5, 0.6, 0.7):
+        for lw in (0.0, 0.1, 0.2, 0.3, 0.4):
+            if fw + lw > 1:
+                continue
+            base = replace(
+                FusionConfig(),
+                first_weight=fw,
+                dense_weight=round(1 - fw - lw, 2),
+                lexical_weight=lw,
+            )
+            out.append(replace(base, method="rrf"))
+            for norm in ("dbsf", "minmax"):
+                out.append(replace(base, method="blend", normalization=norm))
     return out

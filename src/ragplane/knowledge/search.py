@@ -1,16 +1,30 @@
 """Hybrid retrieval: pgvector HNSW + Postgres full text, fused, under row-level security.
 
 One unit of work per query (one round trip opens it with the tenant and the
-HNSW settings): the dense and lexical candidate lists come back with their
-chunks and documents in one statement, then they are fused here.
+HNSW settings): the candidate lists come back with their chunks and documents in
+one statement, then they are fused here. Three candidate lists:
 
-Fusion is chosen by evaluation (``ragplane bench retrieval``), not by habit:
+- ``dense``: the chunks nearest to the query (HNSW);
+- ``first``: the documents' *first* chunks nearest to the query (the same index,
+  filtered to ordinal 0): a document's title and opening, which is how dense
+  retrieval over whole documents sees it;
+- ``lexical``: BM25 over the chunks, from the kept statistics and the postings of
+  the query's terms (``kb_postings``, read by primary key: under row-level security
+  an index on ``tsv`` cannot serve ``@@``, which is not leakproof).
 
-- ``rrf``: weighted reciprocal rank fusion, ``w_d/(k + rank_d) + w_l/(k + rank_l)``;
-- ``blend``: score-normalised blend, ``w_d * dense' + w_l * lexical'`` where each
-  score is normalised over its own candidate list (distribution-based: mean ± 3
-  standard deviations → [0, 1]; or min-max), absent → 0, plus a small bonus for
-  a document's first chunk.
+Fusion is chosen by evaluation (``ragplane bench retrieval``), not by habit, and
+ranks *documents*: each list is aggregated per document (its best chunk), then
+
+- ``blend``: ``w_f * first' + w_d * dense' + w_l * lexical'``, each score normalised
+  over its own candidate list (distribution-based: mean ± 3 standard deviations →
+  [0, 1]; or min-max), absent → 0;
+- ``rrf``: weighted reciprocal rank fusion of the per-document ranks,
+  ``sum(w / (k + rank))``.
+
+A document's citation span is its best chunk by the chunk-level blend of the dense
+and lexical scores. Ranking a document by its best chunk alone favours long
+documents (more chunks, more chances of one close match); the first-chunk list is
+what balances that on pyfaq (docs/benchmarks.md).
 
 Each namespace may override the defaults (``control.kb_namespaces.retrieval``).
 Filtered ANN relies on pgvector's iterative index scans, so a tenant holding a
@@ -29,8 +43,8 @@ a switch: before the swap they see the old model's chunks, after it the new one'
 from __future__ import annotations
 
 import json
-import statistics
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -54,6 +68,8 @@ __all__ = [
     "SearchMode",
     "SearchResult",
     "fuse",
+    "rank_candidates",
+    "rank_documents",
 ]
 
 SearchMode = Literal["hybrid", "dense", "lexical"]
@@ -62,12 +78,13 @@ SearchMode = Literal["hybrid", "dense", "lexical"]
 @dataclass(frozen=True)
 class FusionConfig:
     method: Literal["rrf", "blend"] = "blend"
-    dense_weight: float = 0.7
-    lexical_weight: float = 0.3
+    dense_weight: float = 0.2  # nearest chunks, best per document
+    lexical_weight: float = 0.3  # BM25 chunks, best per document
+    first_weight: float = 0.5  # nearest first chunks (0: the list is not searched)
     rrf_k: int = 60
-    candidates: int = 300  # per retriever, before fusion
+    candidates: int = 300  # per list, before fusion
     normalization: Literal["dbsf", "minmax"] = "dbsf"  # how blend puts scores on one scale
-    lead_bonus: float = 0.05  # added to a document's first chunk in a hybrid blend
+    lead_bonus: float = 0.0  # added to first chunks in the chunk-level blend (citations)
     bm25_k1: float = 1.2
     bm25_b: float = 0.75
     max_df: float = 0.1  # terms in more chunks than this share do not select candidates
@@ -95,14 +112,15 @@ class ChunkHit:
     metadata: dict[str, Any]
     score: float
     dense_score: float | None  # cosine similarity
-    lexical_score: float | None  # ts_rank_cd
+    lexical_score: float | None  # BM25
     dense_rank: int | None
     lexical_rank: int | None
 
 
 @dataclass(frozen=True)
 class DocumentHit:
-    """A document, scored by its best chunk (whose span is what a citation quotes)."""
+    """A document, scored by the fusion of its lists; ``best`` is its best chunk (whose
+    span is what a citation quotes)."""
 
     document_id: str
     source_uri: str
@@ -123,23 +141,26 @@ class SearchResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+Scored = tuple[float, dict[str, Any], int | None, int | None]
+"""(fused score, candidate row, dense rank, lexical rank)."""
+
+
 def _normaliser(values: list[float], how: str) -> Callable[[float], float]:
     """Map one retriever's scores onto a common scale for blending."""
     if not values:
         return lambda v: 0.0
     if how == "dbsf":
-        # distribution-based: mean ± 3 standard deviations span [0, 1]
-        mean = statistics.fmean(values)
-        sd = statistics.pstdev(values) or 1.0
+        # distribution-based: mean ± 3 standard deviations span [0, 1] (numpy: the
+        # statistics module's exact pstdev costs milliseconds on a query's lists)
+        array = np.asarray(values, dtype=np.float64)
+        mean, sd = float(array.mean()), float(array.std()) or 1.0
         lo, span = mean - 3 * sd, 6 * sd
     else:
         lo, span = min(values), (max(values) - min(values)) or 1.0
     return lambda v: (v - lo) / span
 
 
-def fuse(
-    rows: list[dict[str, Any]], config: FusionConfig, mode: SearchMode
-) -> list[tuple[float, dict[str, Any], int | None, int | None]]:
+def fuse(rows: list[dict[str, Any]], config: FusionConfig, mode: SearchMode) -> list[Scored]:
     """(fused score, row, dense rank, lexical rank) for every candidate, best first.
 
     ``dense`` and ``lexical`` modes rank by that retriever's score alone; ``hybrid``
@@ -183,6 +204,52 @@ def fuse(
     return scored
 
 
+_LISTS = (("first_sim", "first_weight"), ("sim", "dense_weight"), ("lex", "lexical_weight"))
+
+
+def rank_documents(rows: list[dict[str, Any]], config: FusionConfig) -> dict[str, float]:
+    """Hybrid document scores: each list (``first_sim``, ``sim``, ``lex`` of the rows)
+    aggregated per document (its best chunk in that list), then blended or RRF-fused."""
+    scores: dict[str, float] = {}
+    for column, weight_name in _LISTS:
+        weight = float(getattr(config, weight_name))
+        values = [r for r in rows if r[column] is not None]
+        if not weight or not values:
+            continue
+        normalise = _normaliser([r[column] for r in values], config.normalization)
+        best: dict[str, float] = {}
+        for r in values:
+            doc = str(r["document_id"])
+            best[doc] = max(best.get(doc, -np.inf), float(r[column]))
+        ordered = sorted(best, key=lambda d: -best[d])
+        for rank, doc in enumerate(ordered, start=1):
+            if config.method == "rrf":
+                part = weight / (config.rrf_k + rank)
+            else:
+                part = weight * normalise(best[doc])
+            scores[doc] = scores.get(doc, 0.0) + part
+    return scores
+
+
+def rank_candidates(
+    rows: list[dict[str, Any]], config: FusionConfig, mode: SearchMode
+) -> tuple[list[Scored], list[tuple[str, float, dict[str, Any]]]]:
+    """Chunks, best first (:func:`fuse`), and documents as (document id, score, best
+    chunk's row), best first: in ``hybrid`` mode scored by :func:`rank_documents`, else by
+    their best chunk."""
+    chunks = fuse(rows, config, mode)
+    best: dict[str, tuple[float, dict[str, Any]]] = {}
+    for score, r, _, _ in chunks:
+        best.setdefault(str(r["document_id"]), (score, r))
+    if mode == "hybrid":
+        doc_scores = rank_documents(rows, config)
+        best = {d: (doc_scores.get(d, 0.0), r) for d, (_, r) in best.items()}
+    documents = sorted(
+        ((d, score, r) for d, (score, r) in best.items()), key=lambda t: (-t[1], t[0])
+    )
+    return chunks, documents
+
+
 _SEARCH = """
 WITH dense AS MATERIALIZED (
     SELECT c.id, 1 - (c.embedding::vector({dims}) <=> %(qv)s::vector({dims})) AS sim
@@ -190,53 +257,68 @@ WITH dense AS MATERIALIZED (
     WHERE c.embedding_model = %(model)s AND c.namespace = %(ns)s {filter}
     ORDER BY c.embedding::vector({dims}) <=> %(qv)s::vector({dims})
     LIMIT %(k_dense)s
+), first AS MATERIALIZED (
+    SELECT c.id, 1 - (c.embedding::vector({dims}) <=> %(qv)s::vector({dims})) AS sim
+    FROM chunks c
+    WHERE c.embedding_model = %(model)s AND c.namespace = %(ns)s AND c.ordinal = 0 {filter}
+    ORDER BY c.embedding::vector({dims}) <=> %(qv)s::vector({dims})
+    LIMIT %(k_first)s
 ), stats AS MATERIALIZED (
     SELECT chunks::float8 AS n, tsv_length_total::float8 / greatest(chunks, 1) AS avgdl
     FROM kb_text_stats WHERE namespace = %(ns)s AND embedding_model = %(model)s
 ), terms AS MATERIALIZED (
-    SELECT t.lexeme, t.df, ln(1 + (stats.n - t.df + 0.5) / (t.df + 0.5)) AS idf
+    -- candidates come from the query's rarer terms (and always its two rarest);
+    -- every term scores them
+    SELECT t.lexeme, ln(1 + (stats.n - t.df + 0.5) / (t.df + 0.5)) AS idf,
+           t.df <= greatest(%(max_df)s * stats.n, 100)
+           OR row_number() OVER (ORDER BY t.df, t.lexeme) <= 2 AS probe
     FROM (SELECT DISTINCT lexeme FROM unnest(to_tsvector('english', %(q)s))) AS ql
     JOIN kb_terms t ON t.lexeme = ql.lexeme
     CROSS JOIN stats
     WHERE %(k_lexical)s > 0 AND t.namespace = %(ns)s AND t.embedding_model = %(model)s
-), probe AS MATERIALIZED (
-    -- candidates come from the query's rarer terms (and always its two rarest);
-    -- every term scores them
-    SELECT string_agg(quote_literal(ranked.lexeme), ' | ')::tsquery AS q
-    FROM (SELECT lexeme, df, row_number() OVER (ORDER BY df, lexeme) AS rarity FROM terms)
-         AS ranked, stats
-    WHERE ranked.df <= greatest(%(max_df)s * stats.n, 100) OR ranked.rarity <= 2
-), lexical AS MATERIALIZED (
-    SELECT c.id, sum(
-        terms.idf * tf.n * (%(k1)s + 1)
-        / (tf.n + %(k1)s * (1 - %(b)s + %(b)s * c.tsv_length / stats.avgdl))
+), scored AS MATERIALIZED (
+    -- the postings of the query's terms, by primary key (an index-only scan)
+    SELECT p.chunk_id AS id, sum(
+        terms.idf * p.tf * (%(k1)s + 1)
+        / (p.tf + %(k1)s * (1 - %(b)s + %(b)s * p.dl / stats.avgdl))
     ) AS lex
-    FROM stats, chunks c CROSS JOIN terms,
-         LATERAL (SELECT (c.term_freqs ->> terms.lexeme)::float8 AS n) AS tf
-    -- a scalar subquery: planned as a parameter, so the GIN index on tsv is used
-    WHERE c.tsv @@ (SELECT q FROM probe) AND tf.n IS NOT NULL
-      AND c.embedding_model = %(model)s AND c.namespace = %(ns)s {filter}
-    GROUP BY c.id
-    ORDER BY lex DESC
+    FROM terms JOIN kb_postings p ON p.lexeme = terms.lexeme, stats
+    WHERE p.namespace = %(ns)s AND p.embedding_model = %(model)s
+    GROUP BY p.chunk_id
+    HAVING bool_or(terms.probe)
+), lexical AS MATERIALIZED (
+    SELECT scored.id, scored.lex FROM scored {lexical_filter}
+    ORDER BY scored.lex DESC
     LIMIT %(k_lexical)s
 ), ids AS (
-    SELECT id FROM dense UNION SELECT id FROM lexical
+    SELECT id FROM dense UNION SELECT id FROM first UNION SELECT id FROM lexical
 ), state AS MATERIALIZED (
     SELECT kb_version, active_model FROM kb_state WHERE namespace = %(ns)s
 )
--- one row even without hits: the namespace's state, read in this statement's snapshot
+-- one row even without hits: the namespace's state, read in this statement's snapshot;
+-- candidates are light (their spans are read for the hits that are returned)
 SELECT state.kb_version AS state_version, state.active_model AS state_model, hit.*
 FROM (SELECT 1) AS one
 LEFT JOIN state ON true
 LEFT JOIN (
-    SELECT c.id, c.document_id, d.source_uri, d.title, c.text, c.ordinal, c.heading_path,
-           c.char_start, c.char_end, c.metadata, dense.sim, lexical.lex
+    SELECT ids.id, c.document_id, c.ordinal, dense.sim, first.sim AS first_sim, lexical.lex
     FROM ids
-    JOIN chunks c ON c.id = ids.id
-    JOIN documents d ON d.tenant_id = c.tenant_id AND d.id = c.document_id
+    -- one primary-key probe per candidate (a fence: never a scan of the namespace)
+    CROSS JOIN LATERAL (
+        SELECT c.document_id, c.ordinal FROM chunks c WHERE c.id = ids.id OFFSET 0
+    ) AS c
     LEFT JOIN dense ON dense.id = ids.id
+    LEFT JOIN first ON first.id = ids.id
     LEFT JOIN lexical ON lexical.id = ids.id
 ) AS hit ON true
+"""
+
+_SPANS = """
+SELECT c.id, d.source_uri, d.title, c.text, c.heading_path, c.char_start, c.char_end,
+       c.metadata
+FROM chunks c
+JOIN documents d ON d.tenant_id = c.tenant_id AND d.id = c.document_id
+WHERE c.id = ANY(%s)
 """
 
 
@@ -335,12 +417,18 @@ class Retriever:
         statement = sql.SQL(_SEARCH).format(
             dims=sql.Literal(embedder.dimensions),
             filter=sql.SQL("AND c.metadata @> %(filters)s::jsonb" if filters else ""),
+            lexical_filter=sql.SQL(
+                "JOIN chunks c ON c.id = scored.id WHERE c.metadata @> %(filters)s::jsonb"
+                if filters
+                else ""
+            ),
         )
         params: dict[str, Any] = {
             "qv": query_vector if query_vector is not None else _zero(embedder),
             "model": embedder.model_id,
             "ns": config.name,
             "k_dense": k if mode != "lexical" else 0,
+            "k_first": k if mode == "hybrid" and fusion.first_weight else 0,
             "k_lexical": k if mode != "dense" else 0,
             "q": query,
             "k1": fusion.bm25_k1,
@@ -375,9 +463,9 @@ class Retriever:
             query_vector=query_vector,
             fusion=fusion,
         )
-        return self.rank(config, query, found, fusion=fusion, mode=mode, top_k=top_k)
+        return await self.rank(config, query, found, fusion=fusion, mode=mode, top_k=top_k)
 
-    def rank(
+    async def rank(
         self,
         config: NamespaceConfig,
         query: str,
@@ -387,23 +475,40 @@ class Retriever:
         mode: SearchMode,
         top_k: int,
     ) -> SearchResult:
-        """Fuse candidates and aggregate them by document (best chunk per document)."""
-        chunks = [_hit(score, r, dr, lr) for score, r, dr, lr in fuse(found.rows, fusion, mode)]
-        documents: dict[str, DocumentHit] = {}
-        for hit in chunks:
-            if hit.document_id not in documents:
-                documents[hit.document_id] = DocumentHit(
-                    hit.document_id, hit.source_uri, hit.title, hit.score, hit
-                )
+        """Fuse candidates (:func:`rank_candidates`), then read the spans of the chunks
+        returned (a hit whose chunk was deleted meanwhile is left out)."""
+        chunks, documents = rank_candidates(found.rows, fusion, mode)
+        chunks, documents = chunks[:top_k], documents[:top_k]
+        wanted = {str(r["id"]) for _, r, _, _ in chunks} | {str(b["id"]) for _, _, b in documents}
+        t0 = time.perf_counter()
+        async with self._db.tenant(config.tenant_id) as s:
+            spans = {
+                str(r["id"]): dict(r)
+                for r in await s.fetch_all(_SPANS, ([uuid.UUID(i) for i in wanted],))
+            }
+        timings = dict(found.timings_ms)
+        timings["spans"] = (time.perf_counter() - t0) * 1000
+        chunk_hits = [
+            _hit(score, r | spans[str(r["id"])], dr, lr)
+            for score, r, dr, lr in chunks
+            if str(r["id"]) in spans
+        ]
+        by_id = {h.chunk_id: h for h in chunk_hits}
+        document_hits = []
+        for doc, score, best in documents:
+            if str(best["id"]) not in spans:
+                continue
+            hit = by_id.get(str(best["id"])) or _hit(score, best | spans[str(best["id"])])
+            document_hits.append(DocumentHit(doc, hit.source_uri, hit.title, score, hit))
         return SearchResult(
             query=query,
             namespace=config.name,
             mode=mode,
             kb_version=found.kb_version,
             embedding_model=found.embedding_model,
-            chunks=chunks[:top_k],
-            documents=list(documents.values())[:top_k],
-            timings_ms=dict(found.timings_ms),
+            chunks=chunk_hits,
+            documents=document_hits,
+            timings_ms=timings,
         )
 
 
@@ -419,7 +524,7 @@ def _zero(embedder: Embedder) -> npt.NDArray[np.float32]:
     return np.zeros(embedder.dimensions, dtype=np.float32)
 
 
-def _hit(score: float, r: dict[str, Any], dr: int | None, lr: int | None) -> ChunkHit:
+def _hit(score: float, r: dict[str, Any], dr: int | None = None, lr: int | None = None) -> ChunkHit:
     return ChunkHit(
         chunk_id=str(r["id"]),
         document_id=str(r["document_id"]),
