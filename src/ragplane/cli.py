@@ -793,14 +793,15 @@ def db_status(data_dir: DataDirOpt = None, config: ConfigOpt = None) -> None:
 
 
 @contextmanager
-def _throwaway_database() -> Iterator[DatabaseUrls]:
-    """A fresh embedded Postgres in a temporary directory (benchmarks), removed after."""
+def _throwaway_database(keep: Path | None = None) -> Iterator[DatabaseUrls]:
+    """A fresh embedded Postgres in a temporary directory (benchmarks), removed after;
+    with ``keep``, the embedded Postgres in that directory (created if missing), kept."""
     import tempfile
 
     from ragplane.data import EmbeddedPostgres
 
     with tempfile.TemporaryDirectory(prefix="ragplane-bench-") as tmp:
-        embedded = EmbeddedPostgres(Path(tmp))
+        embedded = EmbeddedPostgres(keep or Path(tmp))
         try:
             yield embedded.start()
         finally:
@@ -864,18 +865,25 @@ def bench_retrieval(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     sweep: Annotated[bool, typer.Option(help="Also score a grid of fusion settings.")] = False,
     limit: Annotated[int | None, typer.Option(help="Ingest only the first N documents.")] = None,
+    db_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Keep the database in this directory (created if missing) and reuse it: "
+            "a rerun skips the unchanged corpus (its ingest figures are then a re-ingest's).",
+        ),
+    ] = None,
 ) -> None:
     """Retrieval quality and latency: BM25, dense, and ragplane hybrid, side by side.
 
     Ingests the corpus through the real ingestion path into a throwaway embedded
-    database in a temporary directory.
+    database in a temporary directory (or the kept one of ``--db-dir``).
     """
     import json
 
     from ragplane.evals.bench_retrieval import default_sweep, load_beir, run_retrieval_bench
 
     data = load_beir(dataset)
-    with _throwaway_database() as urls:
+    with _throwaway_database(db_dir) as urls:
         result = _run(
             run_retrieval_bench(
                 urls,
@@ -913,9 +921,10 @@ def bench_retrieval(
         )
     out.print(table)
     ingest = result.as_json()["ingest"]
+    ratio = ingest["ratio_to_raw_embedder"]
     out.print(
         f"ingest: {ingest['docs_per_s']} documents/s, {ingest['tokens_per_s']:,} tokens/s "
-        f"({ingest['ratio_to_raw_embedder']:.0%} of the raw embedder's "
+        f"({'n/a' if ratio is None else format(ratio, '.0%')} of the raw embedder's "
         f"{ingest['raw_embedder_tokens_per_s']:,} tokens/s); re-ingest: "
         f"{ingest['reingest_new_chunks']} new chunks, "
         f"{ingest['reingest_embedding_calls']} embedding calls"
