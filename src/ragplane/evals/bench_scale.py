@@ -31,7 +31,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -84,6 +84,7 @@ SWEEP: dict[str, dict[str, str]] = {
     "relaxed, ef 40": {"hnsw.iterative_scan": "relaxed_order", "hnsw.ef_search": "40"},
     "relaxed, ef 100": {"hnsw.iterative_scan": "relaxed_order", "hnsw.ef_search": "100"},
     "relaxed, ef 200": {"hnsw.iterative_scan": "relaxed_order", "hnsw.ef_search": "200"},
+    "relaxed, ef 300": {"hnsw.iterative_scan": "relaxed_order", "hnsw.ef_search": "300"},
     "relaxed, ef 100, 100k tuples": {
         "hnsw.iterative_scan": "relaxed_order",
         "hnsw.ef_search": "100",
@@ -113,14 +114,15 @@ class Latency:
     min_recall_10: float
     p50_ms: float
     p95_ms: float
+    uses_hnsw: bool | None = None  # the plan under these settings (sweep only)
 
-    def as_json(self) -> dict[str, float]:
+    def as_json(self) -> dict[str, float | bool]:
         return {
             "recall@10": round(self.recall_10, 4),
             "min_recall@10": round(self.min_recall_10, 4),
             "p50_ms": round(self.p50_ms, 2),
             "p95_ms": round(self.p95_ms, 2),
-        }
+        } | ({} if self.uses_hnsw is None else {"plan_uses_hnsw": self.uses_hnsw})
 
 
 @dataclass(frozen=True)
@@ -314,10 +316,15 @@ async def exact_top_k(
     return [str(r["id"]) for r in rows]
 
 
-async def uses_hnsw(app: Database, tenant: str, vector: npt.NDArray[np.float32]) -> bool:
+async def uses_hnsw(
+    app: Database,
+    tenant: str,
+    vector: npt.NDArray[np.float32],
+    settings: dict[str, str] | None = None,
+) -> bool:
     """Whether the planner answers ``tenant``'s dense candidate query from the HNSW index."""
     params = {"model": MODEL, "ns": NAMESPACE, "qv": vector, "k": CANDIDATES}
-    async with app.tenant(tenant) as s:
+    async with app.tenant(tenant, settings=settings) as s:
         plan = await s.fetch_one(_EXPLAIN, params)
     return INDEX in str(plan)
 
@@ -382,7 +389,8 @@ async def _measure(
     hnsw = await uses_hnsw(app, tenant, vectors[0])
     swept: dict[str, Latency] = {}
     for name, settings in SWEEP.items() if sweep and hnsw else ():
-        swept[name] = await score(functools.partial(_with_settings, app, tenant, settings=settings))
+        lat = await score(functools.partial(_with_settings, app, tenant, settings=settings))
+        swept[name] = replace(lat, uses_hnsw=await uses_hnsw(app, tenant, vectors[0], settings))
     return TenantScores(
         tenant=tenant,
         label=label,

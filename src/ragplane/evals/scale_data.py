@@ -179,12 +179,12 @@ def postgres_memory(backend_pid: int) -> ProcessMemory:
     pss: float | None = 0.0
     found = 0
     for pid in pids:
+        share = _pss_kb(pid)
         status = _status(pid)
-        if not status:
+        if "VmRSS" not in status:
             continue  # ended since it was listed (a parallel worker, a closed connection)
         found += 1
         rss += _kb(status.get("VmRSS"))
-        share = _pss_kb(pid)
         pss = None if share is None or pss is None else pss + share
     return ProcessMemory(found, rss / 1024, None if pss is None else pss / 1024)
 
