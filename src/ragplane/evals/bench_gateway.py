@@ -31,6 +31,9 @@ import os
 import secrets
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +43,10 @@ import yaml
 
 from ragplane.config import child_process_env
 from ragplane.data import DatabaseUrls
+from ragplane.errors import RagplaneError
 from ragplane.evals.gateway_targets import (
     TargetProcess,
+    cpu_between,
     free_port,
     start_process,
     wait_http,
@@ -65,7 +70,7 @@ class GatewayBenchOptions:
     work_dir: Path
     concurrencies: tuple[int, ...] = (1, 16, 64)
     duration_s: int = 10
-    warmup_s: int = 3
+    warmup_s: int = 5
     requests: int = 100_000
     ttft_s: float = 5.0
     upstream_latency_ms: float = 50.0
@@ -115,16 +120,17 @@ def _measure(
     script = opts.work_dir / f"{name}.lua"
     m = _Measured()
     top = max(opts.concurrencies)
+    _first_answer(target, url, headers)
     if opts.warmup_s > 0:
         progress(f"{name}: warm-up {opts.warmup_s} s at c={top}")
         run_wrk(url, headers, _body(False), script, concurrency=top, duration_s=opts.warmup_s)
     for c in opts.concurrencies:
         target.check_alive()
-        before = target.cpu_s()
+        before = target.cpu()
         m.runs[c] = run_wrk(
             url, headers, _body(False), script, concurrency=c, duration_s=opts.duration_s
         )
-        m.cpu_s[c] = target.cpu_s() - before
+        m.cpu_s[c] = cpu_between(before, target.cpu())
         m.rss_mb[c] = target.rss_mb()
         r = m.runs[c]
         progress(
@@ -151,6 +157,24 @@ def _measure(
     m.processes = len(target.tree())
     m.version = target.notes.get("version", "")
     return m
+
+
+def _first_answer(target: TargetProcess, url: str, headers: dict[str, str]) -> None:
+    """One call must succeed before load starts (a listening proxy may still be loading)."""
+    request = urllib.request.Request(  # noqa: S310 (a loopback URL)
+        url, data=_body(False), headers=headers | {"content-type": "application/json"}
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        target.check_alive()
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:  # noqa: S310
+                if int(r.status) == 200:
+                    return
+        except (urllib.error.URLError, OSError) as exc:
+            if time.monotonic() > deadline:
+                raise RagplaneError(f"{target.name} does not answer {url}: {exc}") from exc
+        time.sleep(0.5)
 
 
 # -- the targets -------------------------------------------------------------------------

@@ -7,9 +7,9 @@ serve gateway`` and the LiteLLM proxy from its own virtual environment. Each wri
 its output to a log file; readiness is a line in that log or an HTTP probe.
 
 CPU time and RSS come from ``/proc``: each thread's time on a CPU (``schedstat``, in
-nanoseconds; the clock-tick ``utime + stime`` is too coarse for a few hundred requests)
-and ``rss`` of the process and all its descendants (LiteLLM's workers are children of
-its master), summed.
+nanoseconds; the clock-tick ``utime + stime`` is too coarse for a few hundred requests),
+compared thread by thread between two snapshots, and ``rss``, of the process and all its
+descendants (LiteLLM's workers are children of its master), summed.
 """
 
 from __future__ import annotations
@@ -30,17 +30,18 @@ from pathlib import Path
 from ragplane.errors import RagplaneError
 
 __all__ = [
+    "CpuSnapshot",
     "TargetProcess",
+    "cpu_between",
     "free_port",
     "start_process",
-    "tree_cpu_s",
+    "tree_cpu",
     "tree_pids",
     "tree_rss_mb",
     "wait_http",
     "wait_log_url",
 ]
 
-_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _URL = re.compile(r"listening on (http://[^\s]+)")
 
@@ -76,27 +77,32 @@ def tree_pids(root: int) -> list[int]:
     return found
 
 
-def tree_cpu_s(root: int) -> float:
-    """CPU seconds of the live process tree under ``root``: every thread's time on a CPU
-    from ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds), else ``utime + stime`` of
-    ``/proc/<pid>/stat`` (clock ticks, 10 ms) where schedstat is not available."""
-    total = 0.0
+CpuSnapshot = dict[tuple[int, str], float]
+
+
+def tree_cpu(root: int) -> CpuSnapshot:
+    """CPU seconds so far of every thread of the live process tree under ``root``: time
+    on a CPU from ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds; ``utime + stime``
+    of ``/proc/<pid>/stat`` counts 10 ms ticks, too coarse for a short run)."""
+    snap: CpuSnapshot = {}
     for pid in tree_pids(root):
         try:
             tids = os.listdir(f"/proc/{pid}/task")
-            total += sum(_thread_cpu_ns(pid, tid) for tid in tids) / 1e9
-        except (OSError, ValueError):
-            fields = _stat(pid)
-            if fields is not None:
-                total += (int(fields[11]) + int(fields[12])) / _TICKS
-    return total
+        except OSError:
+            continue  # the process ended meanwhile
+        for tid in tids:
+            try:
+                raw = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text()
+            except OSError:
+                continue
+            snap[(pid, tid)] = int(raw.split()[0]) / 1e9
+    return snap
 
 
-def _thread_cpu_ns(pid: int, tid: str) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-    except FileNotFoundError:
-        return 0  # the thread ended meanwhile
+def cpu_between(before: CpuSnapshot, after: CpuSnapshot) -> float:
+    """CPU seconds spent between two snapshots by the threads alive at the second (a
+    thread that ended in between is not counted; one that started is, whole)."""
+    return sum(t - before.get(key, 0.0) for key, t in after.items())
 
 
 def tree_rss_mb(root: int) -> float:
@@ -126,8 +132,8 @@ class TargetProcess:
     def tree(self) -> list[int]:
         return tree_pids(self.pid)
 
-    def cpu_s(self) -> float:
-        return tree_cpu_s(self.pid)
+    def cpu(self) -> CpuSnapshot:
+        return tree_cpu(self.pid)
 
     def rss_mb(self) -> float:
         return tree_rss_mb(self.pid)
