@@ -15,6 +15,7 @@ stops working within that time, and the hot path makes no database round trip.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from ragplane.config import Region
 from ragplane.control.apikeys import KEY_PREFIX, find_api_key
-from ragplane.control.tenants import TenantRegistry
+from ragplane.control.tenants import Tenant, TenantRegistry
 from ragplane.data.db import Database
 from ragplane.errors import Forbidden, TenantNotFound, Unauthorized
 
@@ -53,6 +54,7 @@ class GatewayAuth:
         self._registry = registry
         self._cache_s = cache_s
         self._virtual: dict[bytes, tuple[float, str, str]] = {}  # hash → (expiry, tenant, key id)
+        self._lookups: dict[str, asyncio.Future[Tenant]] = {}  # tenant → registry look-up
 
     async def authenticate(
         self, key: str | None, tenant_header: str | None, *, need_tenant: bool = True
@@ -103,9 +105,39 @@ class GatewayAuth:
         if self._registry is None:
             return None
         try:
-            tenant = await self._registry.get(tenant_id)
+            tenant = await self._tenant(self._registry, tenant_id)
         except TenantNotFound as exc:
             raise Forbidden(f"tenant {tenant_id!r} is not registered") from exc
         if not tenant.active:
             raise Forbidden(f"tenant {tenant_id!r} is {tenant.status}")
         return tenant.home_region
+
+    async def _tenant(self, registry: TenantRegistry, tenant_id: str) -> Tenant:
+        """The registry's tenant, one look-up at a time per tenant: when the registry's
+        cached entry expires under load, one call reads the database and the calls that
+        arrive meanwhile wait for its answer, instead of each queueing for a pooled
+        connection (a burst of concurrency-many queries every ``tenant_cache_s``, which
+        showed in the p99). A cache hit does not suspend, so it costs a future."""
+        while (pending := self._lookups.get(tenant_id)) is not None:
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this call was cancelled
+                # the call doing the look-up was cancelled: join the next one, or do it
+        pending = asyncio.get_running_loop().create_future()
+        self._lookups[tenant_id] = pending
+        try:
+            tenant = await registry.get(tenant_id)
+        except asyncio.CancelledError:
+            pending.cancel()
+            raise
+        except Exception as exc:
+            pending.set_exception(exc)
+            pending.exception()  # retrieved, whether or not another call waits for it
+            raise
+        finally:
+            if self._lookups.get(tenant_id) is pending:
+                del self._lookups[tenant_id]
+        pending.set_result(tenant)
+        return tenant
