@@ -312,3 +312,43 @@ async def test_bulkhead_overflow_is_429_with_retry_after(
     limited = next(r for r in responses if r.status_code == 429)
     assert limited.headers["retry-after"] == "1"
     assert limited.json()["error"]["type"] == "rate_limit_error"
+
+
+async def test_a_stream_holds_its_bulkhead_slot_until_it_ends_or_the_caller_leaves(
+    clean_db: PgCluster, app_db: Database, tmp_path: Path
+) -> None:
+    paced = MockProviderConfig(api_key=PROVIDER_KEY, tokens_per_s=20, output_tokens=30)
+    async with run_mock_provider(paced, shutdown_timeout_s=0.5) as mock:
+        gs = _settings(mock.url, mock.url)
+        gs = gs.model_copy(
+            update={"bulkheads": gs.bulkheads.model_copy(update={"per_tenant_interactive": 1})}
+        )
+        settings = make_settings(clean_db, tmp_path, gateway=gs)
+        body = {"model": "only-bad", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        async with (
+            running_gateway(settings, app_db) as (gw, url),
+            httpx.AsyncClient(timeout=20) as c,
+        ):
+            async with c.stream(
+                "POST", f"{url}/v1/chat/completions", json=body, headers=HEADERS
+            ) as r:
+                assert r.status_code == 200
+                await anext(r.aiter_bytes())  # the first token reached us; the stream goes on
+                second = await _chat(c, url, "only-bad", stream=False)
+                assert second.status_code == 429  # the running stream holds the only slot
+                # the caller leaves mid-stream
+            third = None
+            for _ in range(100):  # the gateway notices the disconnect shortly
+                third = await _chat(c, url, "only-bad", stream=False)
+                if third.status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert third is not None
+            assert third.status_code == 200
+            assert gw.ledger is not None
+            await gw.ledger.stop()
+    with psycopg.connect(clean_db.superuser_url) as conn:
+        statuses = sorted(s for (s,) in conn.execute("SELECT status FROM llm_ledger"))
+    assert "client_closed" in statuses
+    assert "concurrency_limit" in statuses
+    assert "ok" in statuses

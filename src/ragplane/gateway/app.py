@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -24,11 +23,13 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
+from starlette.types import Receive, Scope, Send
 
 from ragplane.edge.middleware import new_request_id
 from ragplane.errors import ApiError, BadRequest, GatewayError
 from ragplane.gateway.apierrors import render_error
 from ragplane.gateway.auth import GatewayAuth, GatewayPrincipal
+from ragplane.gateway.relay import StreamRelay
 from ragplane.gateway.router import Call, Router
 from ragplane.gateway.types import Api, Breaker, BreakerState
 from ragplane.observe.logging import get_logger
@@ -204,9 +205,8 @@ class GatewayApp:
             )
             if call.stream:
                 result = await self.router.stream(call)
-                return StreamingResponse(
-                    _guarded(result.frames),
-                    media_type="text/event-stream",
+                return _SseResponse(
+                    result.frames,
                     headers=_ids(begun, _overhead(begun, result.upstream_ms))
                     | {"cache-control": "no-cache", "x-ragplane-route": result.route.name},
                 )
@@ -242,16 +242,19 @@ def _alias(body: dict[str, Any]) -> str:
     return alias
 
 
-async def _guarded(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    # the router already ends a broken stream with an error event; this only closes the
-    # generator promptly when the client goes away
-    try:
-        async for frame in frames:
-            yield frame
-    finally:
-        aclose = getattr(frames, "aclose", None)
-        if aclose is not None:
-            await aclose()
+class _SseResponse(StreamingResponse):
+    """Streams a relay and always ends it: also when the caller left before the first
+    frame was pulled (a generator that never started runs no ``finally``)."""
+
+    def __init__(self, relay: StreamRelay, headers: dict[str, str]) -> None:
+        super().__init__(relay, media_type="text/event-stream", headers=headers)
+        self._relay = relay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._relay.aclose()
 
 
 def _overhead(begun: _Begun, upstream_ms: float) -> float:

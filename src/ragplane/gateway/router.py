@@ -17,6 +17,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar, cast
 
@@ -25,7 +26,6 @@ from ragplane.errors import (
     GatewayError,
     NoHealthyRoute,
     RegionNotServed,
-    StreamInterrupted,
     UnknownAlias,
     UpstreamProtocolError,
     UpstreamTimeout,
@@ -36,6 +36,7 @@ from ragplane.gateway.bulkhead import Bulkhead
 from ragplane.gateway.ledger import LedgerSink
 from ragplane.gateway.pricing import cost_usd
 from ragplane.gateway.providers import adapter_for, embeddings_adapter
+from ragplane.gateway.relay import StreamRelay
 from ragplane.gateway.retry import RetryBudget
 from ragplane.gateway.sse import SseDecoder
 from ragplane.gateway.types import (
@@ -93,11 +94,31 @@ class Completion:
 
 @dataclass(slots=True)
 class StreamResult:
-    """A stream whose first upstream chunk has arrived; ``frames`` yields caller bytes."""
+    """A stream whose first upstream chunk has arrived; ``frames`` yields caller bytes.
+
+    The caller must end it with ``await frames.aclose()`` when done or gone (idempotent):
+    that releases the upstream connection and the bulkhead slot and writes the ledger row.
+    """
 
     route: Route
-    frames: AsyncIterator[bytes]
+    frames: StreamRelay
     upstream_ms: float  # waiting for providers until the first chunk, every attempt
+
+
+@dataclass(frozen=True, slots=True)
+class _Started:
+    """A stream attempt that got its first chunk (nothing sent to the caller yet)."""
+
+    route: Route
+    response: UpstreamResponse
+    chunks: AsyncIterator[bytes]
+    decoder: SseDecoder
+    translator: StreamTranslator
+    first: list[bytes]
+    ttft_ms: float
+
+
+_NO_PROBE = Admission(True, BreakerState.CLOSED)
 
 
 @dataclass(slots=True)
@@ -282,10 +303,11 @@ class Router:
             )
 
         try:
-            result = await self._run(call, tally, attempt)
+            result, slot = await self._run(call, tally, attempt)
         except GatewayError as exc:
             self._account(call, tally, None, None, exc, ttft_ms=None)
             raise
+        await slot.aclose()
         self._account(call, tally, result.route, result.usage, None, ttft_ms=None)
         return result
 
@@ -294,7 +316,7 @@ class Router:
         tally = _Tally(started=time.perf_counter())
         include_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
 
-        async def attempt(route: Route) -> StreamResult:
+        async def attempt(route: Route) -> _Started:
             adapter = adapter_for(call.api, route)
             request = _traced(adapter.build_request(call.body, route, headers=call.headers), call)
             timeouts = route.policy.timeouts
@@ -322,90 +344,44 @@ class Router:
                 raise
             ttft_ms = (time.perf_counter() - sent) * 1000
             tally.upstream_s += time.perf_counter() - sent
-            frames = self._relay(
-                call, tally, route, response, chunks, decoder, translator, first, ttft_ms
-            )
-            return StreamResult(route=route, frames=frames, upstream_ms=tally.upstream_s * 1000)
+            return _Started(route, response, chunks, decoder, translator, first, ttft_ms)
 
         try:
-            return await self._run(call, tally, attempt)
+            started, slot = await self._run(call, tally, attempt)
         except GatewayError as exc:
             self._account(call, tally, None, None, exc, ttft_ms=None)
             raise
+        route = started.route
 
-    async def _relay(
-        self,
-        call: Call,
-        tally: _Tally,
-        route: Route,
-        response: UpstreamResponse,
-        chunks: AsyncIterator[bytes],
-        decoder: SseDecoder,
-        translator: StreamTranslator,
-        first: list[bytes],
-        ttft_ms: float,
-    ) -> AsyncIterator[bytes]:
-        """After the first byte: forward, and end with an error event, never silently."""
-        error: GatewayError | None = None
-        closed_early = True
-        deadline = tally.started + route.policy.timeouts.total_s
-        try:
-            for frame in first:
-                yield frame
-            if not translator.finished:
-                async with asyncio.timeout_at(
-                    asyncio.get_running_loop().time() + max(0.0, deadline - time.perf_counter())
-                ):
-                    async for chunk in chunks:
-                        for event in decoder.feed(chunk):
-                            for frame in translator.feed(event):
-                                yield frame
-                        if translator.finished:
-                            break
-                    else:
-                        # the body ended: an event may lack its closing blank line
-                        for event in decoder.flush():
-                            for frame in translator.feed(event):
-                                yield frame
-            if not translator.finished:
-                raise StreamInterrupted("the provider's stream ended without its final event")
-            closed_early = False
-        except TimeoutError:
-            error = StreamInterrupted(
-                f"the stream passed its total timeout of {route.policy.timeouts.total_s:g} s"
-            )
-        except GatewayError as exc:
-            error = (
-                exc
-                if isinstance(exc, StreamInterrupted)
-                else StreamInterrupted(f"the stream broke: {exc.message}")
-            )
-        finally:
-            await response.aclose()
-            if closed_early and error is None:
-                # the caller went away mid-stream: still one ledger row, with what was used
+        async def on_end(usage: Usage, error: GatewayError | None, status: str | None) -> None:
+            try:
+                if error is not None:
+                    error.provider, error.route = route.provider_name, route.name
+                    error.request_id = call.request_id
+                    log.warning("stream_interrupted", route=route.name, error=error.message)
+                    # the attempt counted as a success at its first chunk; this is its end
+                    state = await self._breaker.record(
+                        route, _NO_PROBE, ok=False, latency_ms=started.ttft_ms
+                    )
+                    self._note(route, state)
+            finally:
+                await slot.aclose()  # the stream held its bulkhead slot until now
                 self._account(
-                    call,
-                    tally,
-                    route,
-                    translator.usage or Usage(),
-                    None,
-                    ttft_ms=ttft_ms,
-                    status="client_closed",
+                    call, tally, route, usage, error, ttft_ms=started.ttft_ms, status=status
                 )
-        if error is not None:
-            error.provider, error.route, error.request_id = (
-                route.provider_name,
-                route.name,
-                call.request_id,
-            )
-            log.warning("stream_interrupted", route=route.name, error=error.message)
-            await self._breaker.record(
-                route, Admission(True, BreakerState.CLOSED), ok=False, latency_ms=ttft_ms
-            )
-            for frame in translator.error_frames(error.code, error.message, call.request_id):
-                yield frame
-        self._account(call, tally, route, translator.usage or Usage(), error, ttft_ms=ttft_ms)
+
+        relay = StreamRelay(
+            response=started.response,
+            chunks=started.chunks,
+            decoder=started.decoder,
+            translator=started.translator,
+            first=started.first,
+            deadline=tally.started + route.policy.timeouts.total_s,
+            total_s=route.policy.timeouts.total_s,
+            request_id=call.request_id,
+            on_end=on_end,
+        )
+        return StreamResult(route=route, frames=relay, upstream_ms=tally.upstream_s * 1000)
 
     async def _send(
         self, route: Route, request: Any, connect_s: float, ttft_s: float
@@ -418,7 +394,9 @@ class Router:
         call: Call,
         tally: _Tally,
         attempt: Callable[[Route], Awaitable[T]],
-    ) -> T:
+    ) -> tuple[T, AsyncExitStack]:
+        """The first successful attempt's result, and the bulkhead slot it still holds
+        (``aclose`` it when the call is over: a stream holds it until its end)."""
         plan = self.plan(call.alias, call.region)
         budget = RetryBudget(self.settings.aliases[call.alias].retry, rng=self._rng)
         for route in plan:
@@ -426,10 +404,13 @@ class Router:
                 continue
             budget.begin_route()
             # the slot is held across this route's retries; BulkheadFull goes to the caller
-            async with self._bulkhead.slot(call.tenant_id, route.name, call.pool):
+            async with AsyncExitStack() as slot:
+                await slot.enter_async_context(
+                    self._bulkhead.slot(call.tenant_id, route.name, call.pool)
+                )
                 result = await self._on_route(call, route, tally, budget, attempt)
-            if result is not _FAIL_OVER:
-                return cast("T", result)
+                if result is not _FAIL_OVER:
+                    return cast("T", result), slot.pop_all()
         if tally.last_error is not None:
             raise tally.last_error
         raise NoHealthyRoute(
