@@ -4,16 +4,18 @@ The run (``ragplane bench scale``), on a database of its own:
 
 1. load: tenants of skewed size (:func:`~ragplane.evals.scale_data.tenant_sizes`)
    with synthetic unit vectors (:class:`~ragplane.evals.scale_data.Mixture`),
-   bulk-loaded as the owner with binary ``COPY`` — bypassing the embedder, with the
-   HNSW index dropped (its definition kept from the migration) and the BM25
-   statistics trigger off (the rows carry no text to count);
-2. build: the HNSW index from that same definition, timed;
-3. measure: for the largest tenant, the ones nearest 1% and 0.1% of the rows, and
-   the smallest, ``queries`` fresh query vectors each go through the real
+   bulk-loaded as the owner with binary ``COPY`` — bypassing the embedder, with every
+   HNSW index on chunks dropped (their definitions kept from the migrations) and the
+   chunk triggers off (the rows carry no text for the BM25 statistics);
+2. build: those HNSW indexes from the same definitions, each timed;
+3. measure: for the largest tenant, the ones nearest 1% and 0.1% of the rows, the
+   smallest, and the smallest whose dense query the planner sends to HNSW,
+   ``queries`` fresh query vectors each go through the real
    :meth:`Retriever.search` (dense mode, top 10) as the application role under
    row-level security, and through exact search in the same tenant scope (the
    index off: ``enable_indexscan = off`` and a distance expression the index does
-   not cover) → recall@10, latency p50/p95 of both;
+   not cover) → recall@10, latency p50/p95 of both; with ``sweep``, the dense
+   candidate query again under other HNSW scan settings (:data:`SWEEP`);
 4. resources: build time, database and index size, memory of the Postgres server
    processes and of this process (from ``/proc``).
 
