@@ -20,7 +20,10 @@ sending the request to the first ``data:`` line, as many concurrent streams as t
 concurrency). RSS growth: the tree's RSS after the measured runs (the warm-up) against
 after ``requests`` more at the highest concurrency (the soak).
 
-The load generator and the bench itself share the machine's cores with the targets.
+The processes are started by :mod:`ragplane.evals.gateway_launch`, measured through
+:mod:`ragplane.evals.gateway_targets` (``/proc``), and the report's targets checked by
+:mod:`ragplane.evals.gateway_verdict`. The load generator and the bench itself share
+the machine's cores with the targets.
 """
 
 from __future__ import annotations
@@ -29,8 +32,6 @@ import asyncio
 import math
 import os
 import secrets
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -39,19 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+import orjson
 
-from ragplane.config import child_process_env
 from ragplane.data import DatabaseUrls
 from ragplane.errors import RagplaneError
-from ragplane.evals.gateway_targets import (
-    TargetProcess,
-    cpu_between,
-    free_port,
-    start_process,
-    wait_http,
-    wait_log_url,
-)
+from ragplane.evals.gateway_launch import start_floor, start_litellm, start_mock, start_ragplane
+from ragplane.evals.gateway_targets import TargetProcess, cpu_between
 from ragplane.evals.gateway_verdict import assess
 from ragplane.evals.wrk import WrkFigures, measure_ttft, run_wrk, wrk_version
 
@@ -62,7 +56,6 @@ TENANT = "tnt_bench_gateway"
 SERVICE_KEY = "svc-bench-" + secrets.token_hex(16)
 ALIAS = "fast"
 PROMPT = "Summarise the benefits of connection pooling in one short paragraph."
-_RAGPLANE = [sys.executable, "-c", "from ragplane.cli import main; main()"]
 
 
 @dataclass(frozen=True)
@@ -104,8 +97,6 @@ def _body(stream: bool) -> bytes:
     }
     if stream:
         body |= {"stream": True, "stream_options": {"include_usage": True}}
-    import orjson
-
     return orjson.dumps(body)
 
 
@@ -177,113 +168,6 @@ def _first_answer(target: TargetProcess, url: str, headers: dict[str, str]) -> N
         time.sleep(0.5)
 
 
-# -- the targets -------------------------------------------------------------------------
-
-
-def _start_mock(opts: GatewayBenchOptions) -> TargetProcess:
-    argv = [*_RAGPLANE, "mock-provider", "--port", "0"]
-    argv += ["--latency-ms", str(opts.upstream_latency_ms)]
-    mock = start_process("mock", argv, opts.work_dir / "mock.log", env=child_process_env())
-    wait_log_url(mock)
-    return mock
-
-
-def _start_floor(opts: GatewayBenchOptions, upstream: str) -> TargetProcess:
-    argv = [sys.executable, "-m", "ragplane.evals.floor_proxy", "--upstream", upstream]
-    floor = start_process("floor", argv, opts.work_dir / "floor.log", env=child_process_env())
-    wait_log_url(floor)
-    return floor
-
-
-def _register_tenant(urls: DatabaseUrls) -> None:
-    from ragplane.control.tenants import add_tenant
-    from ragplane.data import Database
-
-    async def go() -> None:
-        db = Database(urls.owner or urls.app, max_size=1, name="owner")
-        async with db, db.control() as s:
-            await add_tenant(s, TENANT, name="Bench", home_region="eu", exist_ok=True)
-
-    asyncio.run(go())
-
-
-def _start_ragplane(opts: GatewayBenchOptions, upstream: str, urls: DatabaseUrls) -> TargetProcess:
-    _register_tenant(urls)
-    port = free_port()
-    config = {
-        "data_dir": str(opts.work_dir / "ragplane-data"),
-        "host": "127.0.0.1",
-        "port": port,
-        "log_level": "warning",
-        "database": {"url": urls.app},
-        "gateway": {
-            "service_keys": [SERVICE_KEY],
-            "providers": {
-                "mock": {"type": "openai", "base_url": f"{upstream}/v1", "api_key": "sk-mock"}
-            },
-            "models": {
-                "gpt": {
-                    "provider": "mock",
-                    "upstream": "mock-gpt",
-                    "input_per_mtok": 0.15,
-                    "output_per_mtok": 0.6,
-                }
-            },
-            "aliases": {ALIAS: {"routes": [{"model": "gpt"}]}},
-            # the defaults (32 calls per tenant) would refuse c=64 from one tenant
-            "bulkheads": {"per_tenant_interactive": 1024, "per_route_interactive": 1024},
-        },
-    }
-    file = opts.work_dir / "ragplane.yaml"
-    file.write_text(yaml.safe_dump(config))
-    argv = [*_RAGPLANE, "serve", "gateway", "--config", str(file)]
-    gw = start_process("ragplane", argv, opts.work_dir / "ragplane.log", env=child_process_env())
-    gw.url = f"http://127.0.0.1:{port}"
-    wait_http(gw, f"{gw.url}/health", timeout_s=120)
-    return gw
-
-
-def _start_litellm(opts: GatewayBenchOptions, exe: Path, upstream: str) -> TargetProcess:
-    master_key = "sk-" + secrets.token_hex(24)  # a strong key: no weak-key override needed
-    config = {
-        "model_list": [
-            {
-                "model_name": ALIAS,
-                "litellm_params": {
-                    "model": "openai/mock-gpt",
-                    "api_base": f"{upstream}/v1",
-                    "api_key": "sk-mock",
-                },
-            }
-        ],
-        "general_settings": {"master_key": master_key},
-    }
-    file = opts.work_dir / "litellm.yaml"
-    file.write_text(yaml.safe_dump(config))
-    port = free_port()
-    argv = [str(exe), "--config", str(file), "--host", "127.0.0.1", "--port", str(port)]
-    argv += ["--num_workers", str(opts.litellm_workers)]
-    env = child_process_env(LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR")
-    proxy = start_process("litellm", argv, opts.work_dir / "litellm.log", env=env)
-    proxy.url = f"http://127.0.0.1:{port}"
-    proxy.notes["master_key"] = master_key
-    proxy.notes["version"] = _litellm_version(exe)
-    wait_http(proxy, f"{proxy.url}/health/liveliness", timeout_s=300)
-    return proxy
-
-
-def _litellm_version(exe: Path) -> str:
-    python = exe.with_name("python")
-    code = "import importlib.metadata as m; print(m.version('litellm'))"
-    try:
-        done = subprocess.run(  # noqa: S603 (our own venv's python)
-            [str(python), "-c", code], capture_output=True, text=True, timeout=60, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return done.stdout.strip()
-
-
 # -- the run -----------------------------------------------------------------------------
 
 
@@ -300,7 +184,7 @@ def run_gateway_bench(
     load_before = os.getloadavg()
     measured: dict[str, _Measured] = {}
     skipped: dict[str, str] = {}
-    mock = _start_mock(opts)
+    mock = start_mock(opts.work_dir, opts.upstream_latency_ms)
     try:
         plain = {"x-tenant-id": TENANT}
         for name in TARGETS:
@@ -315,15 +199,24 @@ def run_gateway_bench(
             if name == "direct":
                 target, headers = mock, plain | {"authorization": "Bearer sk-mock"}
             elif name == "floor":
-                target, headers = _start_floor(opts, mock.url), plain
+                target, headers = start_floor(opts.work_dir, mock.url), plain
             elif name == "ragplane":
                 if urls is None:
                     raise ValueError("the ragplane target needs a database")
-                target = _start_ragplane(opts, mock.url, urls)
+                target = start_ragplane(
+                    opts.work_dir,
+                    mock.url,
+                    urls,
+                    tenant=TENANT,
+                    service_key=SERVICE_KEY,
+                    alias=ALIAS,
+                )
                 headers = plain | {"authorization": f"Bearer {SERVICE_KEY}"}
             else:
                 assert opts.litellm is not None
-                target = _start_litellm(opts, opts.litellm, mock.url)
+                target = start_litellm(
+                    opts.work_dir, opts.litellm, mock.url, alias=ALIAS, workers=opts.litellm_workers
+                )
                 headers = plain | {"authorization": f"Bearer {target.notes['master_key']}"}
             try:
                 measured[name] = _measure(name, target, headers, opts, progress)
