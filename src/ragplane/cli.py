@@ -955,6 +955,10 @@ def bench_scale(
     maintenance_work_mem: Annotated[str, typer.Option(help="For the index build.")] = "4GB",
     workers: Annotated[int, typer.Option(min=0, help="Parallel index-build workers.")] = 1,
     sweep: Annotated[bool, typer.Option(help="Also try other HNSW scan settings.")] = False,
+    visit_cost: Annotated[
+        float | None,
+        typer.Option(min=0, help="The Retriever's hnsw_visit_cost (default: as shipped)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Filtered ANN at scale: recall@10 against exact search, latency, build time, memory.
@@ -965,6 +969,7 @@ def bench_scale(
     import json
 
     from ragplane.evals.bench_scale import run_scale_bench
+    from ragplane.knowledge.search import HNSW_VISIT_COST
 
     with _throwaway_database() as urls:
         result = _run(
@@ -976,6 +981,7 @@ def bench_scale(
                 maintenance_work_mem=maintenance_work_mem,
                 parallel_workers=workers,
                 sweep=sweep,
+                hnsw_visit_cost=HNSW_VISIT_COST if visit_cost is None else visit_cost,
                 progress=lambda msg: err.print(f"[dim]{msg}[/]"),
             )
         )
@@ -993,6 +999,9 @@ def bench_scale(
         "p95 ms",
         "exact p50 ms",
         "HNSW plan",
+        "searched",
+        "planner p50 / p95 ms",
+        "HNSW forced p50 / p95 ms",
         title=f"{chunks:,} chunks, {tenants} tenants, {queries} queries per tenant",
     )
     for label, t in report["tenants_measured"].items():
@@ -1006,6 +1015,9 @@ def bench_scale(
             f"{t['p95_ms']:.2f}",
             f"{t['exact_p50_ms']:.2f}",
             "yes" if t["plan_uses_hnsw"] else "no",
+            t["searched"],
+            f"{t['planner']['p50_ms']:.2f} / {t['planner']['p95_ms']:.2f}",
+            f"{t['hnsw_forced']['p50_ms']:.2f} / {t['hnsw_forced']['p95_ms']:.2f}",
         )
         for name, swept in t["sweep"].items():
             table.add_row(

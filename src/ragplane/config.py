@@ -108,7 +108,7 @@ MIB = 1024 * 1024
 
 
 class KnowledgeSettings(_Frozen):
-    """Knowledge-base ingestion."""
+    """Knowledge-base ingestion and retrieval."""
 
     max_upload_bytes: int = Field(
         default=20 * MIB,
@@ -122,6 +122,13 @@ class KnowledgeSettings(_Frozen):
     preload_embedder: bool = Field(
         default=False,
         description="Load the embedding model when the API starts (the worker always does).",
+    )
+    hnsw_visit_cost: float = Field(
+        default=10.0,  # knowledge.search.HNSW_VISIT_COST: docs/benchmarks.md (scale)
+        ge=0,
+        description="Dense search reads a namespace of n chunks exactly, instead of walking "
+        "the HNSW index shared with the table's N, when n^2 < hnsw_visit_cost * k * N "
+        "(k candidates): a visited index tuple costs this many rows read (0: always the index).",
     )
 
 

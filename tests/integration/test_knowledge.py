@@ -554,3 +554,40 @@ async def test_cancelling_a_run_while_a_batch_is_written_leaves_no_half_batch(
         uris = await _whole_documents(db, "tnt_alpha", stalling)
         assert uris in (set(), {"kb://notes/00.md", "kb://notes/01.md"})
         await _stats_are_exact(db, "tnt_alpha")
+
+
+async def test_search_reads_a_small_share_exactly_and_walks_the_index_for_a_large_one(
+    kb: Kb,
+) -> None:
+    """The statement chooses by the namespace's chunk count against the table's. An index
+    scan that may return a single row (``ef_search`` 1, iterative scans off) finds one
+    chunk, exact search under the same settings finds every chunk; both paths rank alike
+    otherwise."""
+    await kb.ingestor.ingest(kb.config, docs(refund=REFUND, shipping=SHIPPING, security=SECURITY))
+    async with kb.db.tenant("tnt_alpha") as s:
+        row = await s.fetch_one("SELECT count(*) AS n FROM chunks")
+    assert row is not None
+    total = int(row["n"])
+    assert total >= 4
+    one_row = {"hnsw.ef_search": "1", "hnsw.iterative_scan": "off"}
+    # exact when n^2 < cost * k * N (N: the table's rows, at least n)
+    exact = Retriever(kb.db, kb.embedder, hnsw_visit_cost=total / 50 + 0.01)
+    exact._settings |= one_row
+    on_index = Retriever(kb.db, kb.embedder, hnsw_visit_cost=0)
+    # a table this small is cheaper to sort than to walk: make the planner take the index
+    on_index._settings |= one_row | {"enable_seqscan": "off", "enable_sort": "off"}
+    query = "How long does express delivery take?"
+    found = await exact.candidates(kb.config, query, k=50, mode="dense")
+    assert len(found.rows) == total
+    found = await on_index.candidates(kb.config, query, k=50, mode="dense")
+    assert len(found.rows) == 1
+    # as shipped, both paths return the same ranking on a corpus this small
+    served = [
+        await Retriever(kb.db, kb.embedder, hnsw_visit_cost=cost).search(kb.config, query)
+        for cost in (0, 1e9)
+    ]
+    assert [h.chunk_id for h in served[0].chunks] == [h.chunk_id for h in served[1].chunks]
+    assert [d.document_id for d in served[0].documents] == [
+        d.document_id for d in served[1].documents
+    ]
+    assert served[0].documents[0].source_uri == "kb://docs/shipping.md"

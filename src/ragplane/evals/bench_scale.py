@@ -6,16 +6,22 @@ The run (``ragplane bench scale``), on a database of its own:
    with synthetic unit vectors (:class:`~ragplane.evals.scale_data.Mixture`),
    bulk-loaded as the owner with binary ``COPY`` — bypassing the embedder, with every
    HNSW index on chunks dropped (their definitions kept from the migrations) and the
-   chunk triggers off (the rows carry no text for the BM25 statistics);
+   chunk triggers off (the rows carry no text for the BM25 statistics); each tenant's
+   chunk count is written to ``kb_text_stats`` as the triggers keep it for real text
+   (the Retriever reads it to choose between exact search and the index);
 2. build: those HNSW indexes from the same definitions, each timed;
-3. measure: for the largest tenant, the ones nearest 1% and 0.1% of the rows, the
-   smallest, and the smallest whose dense query the planner sends to HNSW,
+3. measure: for the largest tenant, the ones nearest 5%, 3%, 2%, 1% and 0.1% of the
+   rows, the smallest, and the smallest whose dense query the planner sends to HNSW,
    ``queries`` fresh query vectors each go through the real
    :meth:`Retriever.search` (dense mode, top 10) as the application role under
-   row-level security, and through exact search in the same tenant scope (the
-   index off: ``enable_indexscan = off`` and a distance expression the index does
-   not cover) → recall@10, latency p50/p95 of both; with ``sweep``, the dense
-   candidate query again under other HNSW scan settings (:data:`SWEEP`);
+   row-level security — as shipped (exact search or HNSW by the namespace's share,
+   :data:`~ragplane.knowledge.search.HNSW_VISIT_COST`) and as before that choice
+   (``hnsw_visit_cost = 0``: the planner's) — and
+   through exact search in the same tenant scope (the index off:
+   ``enable_indexscan = off`` and a distance expression the index does not cover) →
+   recall@10, latency p50/p95; the dense candidate query forced onto the HNSW index
+   (``enable_sort = off``) shows where the index starts to pay; with ``sweep``, that
+   query again under other HNSW scan settings (:data:`SWEEP`);
 4. resources: build time, database and index size, memory of the Postgres server
    processes and of this process (from ``/proc``).
 
@@ -44,7 +50,7 @@ from ragplane.control.namespaces import NamespaceConfig
 from ragplane.data import Database, DatabaseUrls, Session
 from ragplane.evals import scale_data
 from ragplane.evals.metrics import recall_at_k
-from ragplane.knowledge.search import Retriever
+from ragplane.knowledge.search import HNSW_VISIT_COST, Retriever
 from ragplane.knowledge.types import ChunkingPolicy
 
 __all__ = [
@@ -79,6 +85,8 @@ WHERE c.embedding_model = %(model)s AND c.namespace = %(ns)s
 ORDER BY c.embedding::vector({DIMS}) <=> %(qv)s::vector({DIMS}) LIMIT %(k)s
 """  # noqa: S608 - constants only
 _EXPLAIN = "EXPLAIN (FORMAT JSON) " + _DENSE
+# the planner's alternative (the tenant's rows, sorted) disabled: the HNSW index or nothing
+FORCE_HNSW = {"enable_sort": "off"}
 CANDIDATES = 300  # the dense candidates Retriever.search asks for (FusionConfig.candidates)
 SWEEP: dict[str, dict[str, str]] = {
     "iterative off, ef 100": {"hnsw.iterative_scan": "off", "hnsw.ef_search": "100"},
@@ -136,17 +144,23 @@ class TenantScores:
     served: Latency  # Retriever.search, dense, top 10, as shipped
     exact_p50_ms: float
     exact_p95_ms: float
-    uses_hnsw: bool
+    uses_hnsw: bool  # the planner's choice for the dense candidate query
     sweep: dict[str, Latency] = field(default_factory=dict)
+    searched: str = ""  # what the Retriever as shipped does: "exact" or "hnsw"
+    planner: Latency | None = None  # Retriever.search, the planner choosing (before)
+    hnsw: Latency | None = None  # the dense candidate query forced onto the index
 
     def as_json(self) -> dict[str, Any]:
         return (
             {"tenant": self.tenant, "rows": self.rows, "share_pct": round(self.share * 100, 4)}
             | self.served.as_json()
             | {
+                "searched": self.searched,
                 "exact_p50_ms": round(self.exact_p50_ms, 2),
                 "exact_p95_ms": round(self.exact_p95_ms, 2),
                 "plan_uses_hnsw": self.uses_hnsw,
+                "planner": self.planner.as_json() if self.planner else None,
+                "hnsw_forced": self.hnsw.as_json() if self.hnsw else None,
                 "sweep": {name: lat.as_json() for name, lat in self.sweep.items()},
             }
         )
@@ -221,6 +235,7 @@ async def _load(
         for ddl in (
             "ALTER TABLE documents NO FORCE ROW LEVEL SECURITY",
             "ALTER TABLE chunks NO FORCE ROW LEVEL SECURITY",
+            "ALTER TABLE kb_text_stats NO FORCE ROW LEVEL SECURITY",
             "ALTER TABLE chunks DISABLE TRIGGER USER",
         ):
             await s.execute(ddl)
@@ -230,8 +245,16 @@ async def _load(
             await _load_tenant(s, name, n, mixture, rng)
             if i % 10 == 0 or n >= BATCH:
                 progress(f"loaded tenant {i + 1}/{len(names)} ({n:,} chunks)")
+        # the statistics triggers' chunk count (for text), which the Retriever reads
+        await s.execute(
+            "INSERT INTO kb_text_stats (tenant_id, namespace, embedding_model, chunks, "
+            "tsv_length_total) SELECT t, %s, %s, n, 0 FROM unnest(%s::text[], %s::int[]) AS "
+            "u(t, n)",
+            (NAMESPACE, MODEL, names, sizes),
+        )
         await s.execute("ALTER TABLE chunks ENABLE TRIGGER USER")
         await s.execute("ALTER TABLE chunks FORCE ROW LEVEL SECURITY")
+        await s.execute("ALTER TABLE kb_text_stats FORCE ROW LEVEL SECURITY")
         await s.execute("ALTER TABLE documents FORCE ROW LEVEL SECURITY")
     async with owner.control() as s:
         await s.execute("ANALYZE documents")
@@ -374,6 +397,7 @@ async def _with_settings(
 async def _measure(
     app: Database,
     retriever: Retriever,
+    planner: Retriever,
     tenant: str,
     label: str,
     rows: int,
@@ -401,6 +425,10 @@ async def _measure(
         return _latency(recalls, ms)
 
     served = await score(lambda v: _served(retriever, config, v))
+    before = await score(lambda v: _served(planner, config, v))
+    forced = dict(retriever._settings) | FORCE_HNSW
+    on_index = await score(functools.partial(_with_settings, app, tenant, settings=forced))
+    on_index = replace(on_index, uses_hnsw=await uses_hnsw(app, tenant, vectors[0], forced))
     hnsw = await uses_hnsw(app, tenant, vectors[0])
     swept: dict[str, Latency] = {}
     for name, settings in SWEEP.items() if sweep and hnsw else ():
@@ -416,6 +444,10 @@ async def _measure(
         exact_p95_ms=_pct(exact_ms, 95),
         uses_hnsw=hnsw,
         sweep=swept,
+        # the Retriever's rule (knowledge.search), the table's rows being this run's chunks
+        searched="exact" if rows**2 < retriever.hnsw_visit_cost * CANDIDATES * total else "hnsw",
+        planner=before,
+        hnsw=on_index,
     )
 
 
@@ -429,6 +461,9 @@ async def _pick(app: Database, names: list[str], sizes: list[int]) -> dict[str, 
         return min(range(len(sizes)), key=lambda i: abs(math.log(sizes[i] / total / share)))
 
     picks = {"largest": 0, "~1%": nearest(0.01), "~0.1%": nearest(0.001)}
+    for share in (0.05, 0.03, 0.02):  # between the planner's boundary and the largest
+        if nearest(share) not in picks.values():
+            picks[f"~{share:.0%}"] = nearest(share)
     probe = np.zeros(DIMS, dtype=np.float32)
     probe[0] = 1.0
     on_hnsw = [i for i, name in enumerate(names) if await uses_hnsw(app, name, probe)]
@@ -448,6 +483,7 @@ async def run_scale_bench(
     parallel_workers: int = 1,
     sweep: bool = False,
     seed: int = 7,
+    hnsw_visit_cost: float = HNSW_VISIT_COST,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> ScaleBenchResult:
     """Load, index, and measure filtered recall@10 and latency (see the module docstring);
@@ -495,14 +531,25 @@ async def run_scale_bench(
             )
         result.sizes_mb = {k: round(v / 2**20, 1) for k, v in dict(sized or {}).items()}
     async with Database(urls.app, max_size=2) as app:
-        retriever = Retriever(app, _QueryVectors())
-        result.retriever_settings = dict(retriever._settings)  # what its units of work set
+        retriever = Retriever(app, _QueryVectors(), hnsw_visit_cost=hnsw_visit_cost)
+        planner = Retriever(app, _QueryVectors(), hnsw_visit_cost=0)
+        result.retriever_settings = dict(retriever._settings) | {  # what its units of work set
+            "hnsw_visit_cost": str(retriever.hnsw_visit_cost)
+        }
         for label, rank in (await _pick(app, names, sizes)).items():
             progress(f"measuring {label} tenant ({sizes[rank]:,} chunks, {queries} queries)")
             vectors = mixture.sample(queries, rng)
             result.scores.append(
                 await _measure(
-                    app, retriever, names[rank], label, sizes[rank], chunks, vectors, sweep
+                    app,
+                    retriever,
+                    planner,
+                    names[rank],
+                    label,
+                    sizes[rank],
+                    chunks,
+                    vectors,
+                    sweep,
                 )
             )
         async with app.control() as s:

@@ -1,8 +1,10 @@
 """Hybrid retrieval: pgvector HNSW + Postgres full text, fused, under row-level security.
 
-One unit of work per query (one round trip opens it with the tenant and the
-HNSW settings): the candidate lists come back with their chunks and documents in
-one statement, then they are fused here. Three candidate lists:
+One tenant unit of work per query, sent in one round trip (BEGIN, the tenant and the
+HNSW settings, the statement, COMMIT: :meth:`Database.tenant_fetch`): the candidate
+lists come back with their chunks' documents and ordinals in one statement, then they
+are fused here (array arithmetic), and a second round trip reads the spans of the hits
+returned. Three candidate lists:
 
 - ``dense``: the chunks nearest to the query (HNSW);
 - ``first``: the documents' *first* chunks nearest to the query (the same index,
@@ -27,8 +29,19 @@ documents (more chunks, more chances of one close match); the first-chunk list i
 what balances that on pyfaq (docs/benchmarks.md).
 
 Each namespace may override the defaults (``control.kb_namespaces.retrieval``).
-Filtered ANN relies on pgvector's iterative index scans, so a tenant holding a
-small share of the rows still gets its top-k.
+
+**Exact or HNSW.** The HNSW graph is shared by every tenant: filtered ANN relies on
+pgvector's iterative index scans, so a tenant holding a small share of the rows still
+gets its top-k, but such a walk visits about ``k / share`` index tuples, and Postgres's
+cost estimate does not see that (at a million chunks it sent a 2% tenant to the index,
+10-16x slower than reading that tenant's rows, and not exact). A chunk count alone
+cannot decide either: pyfaq's 13,374 chunks alone in a table are 3-4x faster through
+the index than read exactly. So the statement chooses, from the namespace's chunk count
+``n`` (``kb_text_stats.chunks`` of the namespace and model, kept by the BM25 statistics
+triggers) and the table's ``N`` (``pg_class.reltuples``): exact when reading ``n`` rows
+costs less than visiting ``k * N / n`` index tuples at ``hnsw_visit_cost`` rows each
+(``n^2 < hnsw_visit_cost * k * N``). Exact search reads the namespace's rows once and
+scores both dense lists from them (docs/benchmarks.md, scale).
 
 **The model.** A query is embedded with the model the namespace is answered with
 (``kb_state.active_model``), which only a model switch changes (together with the
@@ -42,10 +55,11 @@ a switch: before the swap they see the old model's chunks, after it the new one'
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import time
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -60,6 +74,7 @@ from ragplane.knowledge.models import EmbedderRegistry
 from ragplane.knowledge.types import Embedder
 
 __all__ = [
+    "HNSW_VISIT_COST",
     "Candidates",
     "ChunkHit",
     "DocumentHit",
@@ -73,6 +88,11 @@ __all__ = [
 ]
 
 SearchMode = Literal["hybrid", "dense", "lexical"]
+
+HNSW_VISIT_COST = 10.0
+"""What one index tuple visited by a filtered HNSW walk costs, in rows read by an exact
+search: a namespace of ``n`` chunks out of the table's ``N`` is searched exactly when
+``n < visit_cost * k * N / n`` (``knowledge.hnsw_visit_cost``; docs/benchmarks.md, scale)."""
 
 
 @dataclass(frozen=True)
@@ -145,19 +165,102 @@ Scored = tuple[float, dict[str, Any], int | None, int | None]
 """(fused score, candidate row, dense rank, lexical rank)."""
 
 
-def _normaliser(values: list[float], how: str) -> Callable[[float], float]:
-    """Map one retriever's scores onto a common scale for blending."""
-    if not values:
-        return lambda v: 0.0
+def _scale(values: npt.NDArray[np.float64], how: str) -> tuple[float, float]:
+    """(low, span) that map one retriever's scores onto a common scale for blending:
+    ``dbsf``, mean ± 3 standard deviations span [0, 1]; ``minmax``, the list's range."""
     if how == "dbsf":
-        # distribution-based: mean ± 3 standard deviations span [0, 1] (numpy: the
-        # statistics module's exact pstdev costs milliseconds on a query's lists)
-        array = np.asarray(values, dtype=np.float64)
-        mean, sd = float(array.mean()), float(array.std()) or 1.0
-        lo, span = mean - 3 * sd, 6 * sd
+        mean, sd = float(values.mean()), float(values.std()) or 1.0
+        return mean - 3 * sd, 6 * sd
+    lo = float(values.min())
+    return lo, (float(values.max()) - lo) or 1.0
+
+
+class _Columns:
+    """Candidate rows as arrays: one pass over the rows, then fusion is array arithmetic
+    (scores NaN where a list did not return the chunk)."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+        n = len(rows)
+        self.ids = np.array([str(r["id"]) for r in rows], dtype=np.str_)
+        docs: dict[str, int] = {}
+        self.doc = np.fromiter(
+            (docs.setdefault(str(r["document_id"]), len(docs)) for r in rows), np.intp, n
+        )
+        self.doc_ids = np.array(list(docs), dtype=np.str_)
+        self.first_chunk = np.fromiter((r["ordinal"] == 0 for r in rows), np.bool_, n)
+        self.score = {
+            column: np.fromiter(
+                (np.nan if r[column] is None else r[column] for r in rows), np.float64, n
+            )
+            for column in ("sim", "first_sim", "lex")
+        }
+
+    def ranks(self, column: str) -> npt.NDArray[np.intp]:
+        """1-based rank of each row by ``column``, best first (0: not in that list)."""
+        values = self.score[column]
+        present = np.flatnonzero(~np.isnan(values))
+        order = present[np.argsort(-values[present], kind="stable")]
+        ranks = np.zeros(len(values), dtype=np.intp)
+        ranks[order] = np.arange(1, len(order) + 1)
+        return ranks
+
+
+def _scored(
+    cols: _Columns,
+    order: npt.NDArray[np.intp],
+    score: npt.NDArray[np.float64],
+    d_rank: npt.NDArray[np.intp] | None,
+    l_rank: npt.NDArray[np.intp] | None,
+) -> list[Scored]:
+    return [
+        (
+            float(score[i]),
+            cols.rows[i],
+            int(d_rank[i]) or None if d_rank is not None else None,
+            int(l_rank[i]) or None if l_rank is not None else None,
+        )
+        for i in order.tolist()
+    ]
+
+
+def _fuse(
+    cols: _Columns, config: FusionConfig, mode: SearchMode
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64], list[Scored]]:
+    if mode != "hybrid":
+        column = "sim" if mode == "dense" else "lex"
+        ranks = cols.ranks(column)
+        order = np.argsort(np.where(ranks > 0, ranks, len(ranks) + 1), kind="stable")
+        order = order[: int(np.count_nonzero(ranks))]
+        score = cols.score[column]
+        return (
+            order,
+            score,
+            _scored(
+                cols,
+                order,
+                score,
+                ranks if mode == "dense" else None,
+                ranks if mode == "lexical" else None,
+            ),
+        )
+    d_rank, l_rank = cols.ranks("sim"), cols.ranks("lex")
+    wd, wl = config.dense_weight, config.lexical_weight
+    if config.method == "rrf":
+        score = np.where(d_rank > 0, wd / (config.rrf_k + d_rank), 0.0) + np.where(
+            l_rank > 0, wl / (config.rrf_k + l_rank), 0.0
+        )
     else:
-        lo, span = min(values), (max(values) - min(values)) or 1.0
-    return lambda v: (v - lo) / span
+        score = np.zeros(len(cols.rows))
+        for column, weight, ranks in (("sim", wd, d_rank), ("lex", wl, l_rank)):
+            present = ranks > 0
+            if present.any():
+                values = cols.score[column][present]
+                lo, span = _scale(values, config.normalization)
+                score[present] += weight * (values - lo) / span
+        score += config.lead_bonus * cols.first_chunk
+    order = np.lexsort((cols.ids, -score))
+    return order, score, _scored(cols, order, score, d_rank, l_rank)
 
 
 def fuse(rows: list[dict[str, Any]], config: FusionConfig, mode: SearchMode) -> list[Scored]:
@@ -167,68 +270,43 @@ def fuse(rows: list[dict[str, Any]], config: FusionConfig, mode: SearchMode) -> 
     fuses both and adds ``lead_bonus`` to a document's first chunk (its title and
     opening: a position prior), in units of the normalised scale.
     """
-    dense = sorted((r for r in rows if r["sim"] is not None), key=lambda r: -r["sim"])
-    lexical = sorted((r for r in rows if r["lex"] is not None), key=lambda r: -r["lex"])
-    d_rank = {r["id"]: i + 1 for i, r in enumerate(dense)}
-    l_rank = {r["id"]: i + 1 for i, r in enumerate(lexical)}
-    scored = []
-    if mode != "hybrid":
-        ranks = d_rank if mode == "dense" else l_rank
-        for r in dense if mode == "dense" else lexical:
-            rank = ranks[r["id"]]
-            score = r["sim"] if mode == "dense" else r["lex"]
-            scored.append(
-                (
-                    float(score),
-                    r,
-                    rank if mode == "dense" else None,
-                    rank if mode == "lexical" else None,
-                )
-            )
-        return scored
-    wd, wl = config.dense_weight, config.lexical_weight
-    nd = _normaliser([r["sim"] for r in dense], config.normalization)
-    nl = _normaliser([r["lex"] for r in lexical], config.normalization)
-    for r in rows:
-        dr, lr = d_rank.get(r["id"]), l_rank.get(r["id"])
-        if config.method == "rrf":
-            score = (wd / (config.rrf_k + dr) if dr else 0.0) + (
-                wl / (config.rrf_k + lr) if lr else 0.0
-            )
-        else:
-            score = (wd * nd(r["sim"]) if dr else 0.0) + (wl * nl(r["lex"]) if lr else 0.0)
-            if r["ordinal"] == 0:
-                score += config.lead_bonus
-        scored.append((score, r, dr, lr))
-    scored.sort(key=lambda t: (-t[0], str(t[1]["id"])))
-    return scored
+    return _fuse(_Columns(rows), config, mode)[2]
 
 
 _LISTS = (("first_sim", "first_weight"), ("sim", "dense_weight"), ("lex", "lexical_weight"))
 
 
+def _document_scores(cols: _Columns, config: FusionConfig) -> npt.NDArray[np.float64]:
+    scores = np.zeros(len(cols.doc_ids))
+    for column, weight_name in _LISTS:
+        weight = float(getattr(config, weight_name))
+        values = cols.score[column]
+        present = ~np.isnan(values)
+        if not weight or not present.any():
+            continue
+        best = np.full(len(cols.doc_ids), -np.inf)
+        np.maximum.at(best, cols.doc[present], values[present])
+        listed = np.flatnonzero(best > -np.inf)
+        if config.method == "rrf":
+            order = listed[np.argsort(-best[listed], kind="stable")]
+            scores[order] += weight / (config.rrf_k + np.arange(1, len(order) + 1))
+        else:
+            # the list's scale (over its chunks), applied to each document's best chunk
+            lo, span = _scale(values[present], config.normalization)
+            scores[listed] += weight * (best[listed] - lo) / span
+    return scores
+
+
 def rank_documents(rows: list[dict[str, Any]], config: FusionConfig) -> dict[str, float]:
     """Hybrid document scores: each list (``first_sim``, ``sim``, ``lex`` of the rows)
     aggregated per document (its best chunk in that list), then blended or RRF-fused."""
-    scores: dict[str, float] = {}
+    cols = _Columns(rows)
+    scores = _document_scores(cols, config)
+    listed = np.zeros(len(cols.doc_ids), dtype=np.bool_)
     for column, weight_name in _LISTS:
-        weight = float(getattr(config, weight_name))
-        values = [r for r in rows if r[column] is not None]
-        if not weight or not values:
-            continue
-        normalise = _normaliser([r[column] for r in values], config.normalization)
-        best: dict[str, float] = {}
-        for r in values:
-            doc = str(r["document_id"])
-            best[doc] = max(best.get(doc, -np.inf), float(r[column]))
-        ordered = sorted(best, key=lambda d: -best[d])
-        for rank, doc in enumerate(ordered, start=1):
-            if config.method == "rrf":
-                part = weight / (config.rrf_k + rank)
-            else:
-                part = weight * normalise(best[doc])
-            scores[doc] = scores.get(doc, 0.0) + part
-    return scores
+        if getattr(config, weight_name):
+            listed[cols.doc[~np.isnan(cols.score[column])]] = True
+    return {str(d): float(v) for d, v, on in zip(cols.doc_ids, scores, listed, strict=True) if on}
 
 
 def rank_candidates(
@@ -237,36 +315,72 @@ def rank_candidates(
     """Chunks, best first (:func:`fuse`), and documents as (document id, score, best
     chunk's row), best first: in ``hybrid`` mode scored by :func:`rank_documents`, else by
     their best chunk."""
-    chunks = fuse(rows, config, mode)
-    best: dict[str, tuple[float, dict[str, Any]]] = {}
-    for score, r, _, _ in chunks:
-        best.setdefault(str(r["document_id"]), (score, r))
-    if mode == "hybrid":
-        doc_scores = rank_documents(rows, config)
-        best = {d: (doc_scores.get(d, 0.0), r) for d, (_, r) in best.items()}
-    documents = sorted(
-        ((d, score, r) for d, (score, r) in best.items()), key=lambda t: (-t[1], t[0])
-    )
+    cols = _Columns(rows)
+    order, score, chunks = _fuse(cols, config, mode)
+    # each document's best chunk: its first place in the chunk order
+    docs_in_order = cols.doc[order]
+    seen, first_at = np.unique(docs_in_order, return_index=True)
+    best_row = order[first_at]
+    doc_score = _document_scores(cols, config)[seen] if mode == "hybrid" else score[best_row]
+    ranked = np.lexsort((cols.doc_ids[seen], -doc_score))
+    documents = [
+        (str(cols.doc_ids[seen[i]]), float(doc_score[i]), cols.rows[best_row[i]])
+        for i in ranked.tolist()
+    ]
     return chunks, documents
 
 
-_SEARCH = """
-WITH dense AS MATERIALIZED (
-    SELECT c.id, 1 - (c.embedding::vector({dims}) <=> %(qv)s::vector({dims})) AS sim
-    FROM chunks c
-    WHERE c.embedding_model = %(model)s AND c.namespace = %(ns)s {filter}
-    ORDER BY c.embedding::vector({dims}) <=> %(qv)s::vector({dims})
-    LIMIT %(k_dense)s
-), first AS MATERIALIZED (
-    SELECT c.id, 1 - (c.embedding::vector({dims}) <=> %(qv)s::vector({dims})) AS sim
-    FROM chunks c
-    WHERE c.embedding_model = %(model)s AND c.namespace = %(ns)s AND c.ordinal = 0 {filter}
-    ORDER BY c.embedding::vector({dims}) <=> %(qv)s::vector({dims})
-    LIMIT %(k_first)s
+_HEAD = """
+WITH state AS MATERIALIZED (
+    SELECT kb_version, active_model FROM kb_state WHERE namespace = %(ns)s
 ), stats AS MATERIALIZED (
     SELECT chunks::float8 AS n, tsv_length_total::float8 / greatest(chunks, 1) AS avgdl
     FROM kb_text_stats WHERE namespace = %(ns)s AND embedding_model = %(model)s
-), terms AS MATERIALIZED (
+)
+"""
+# the dense lists: nearest chunks, nearest first chunks (exact or HNSW)
+_DENSE = """
+, plan AS MATERIALIZED (
+    -- a filtered HNSW walk visits about k / share index tuples (share: the namespace's
+    -- chunks over the table's), an exact search reads the namespace's rows once; exact
+    -- when that is cheaper, a visit costing visit_cost rows
+    SELECT coalesce(stats.n, 0) ^ 2 < %(visit_cost)s * greatest(%(k_dense)s, %(k_first)s)
+           * greatest(t.reltuples, coalesce(stats.n, 0)) AS exact
+    FROM pg_class AS t LEFT JOIN stats ON true
+    WHERE t.oid = 'chunks'::regclass
+), exact AS MATERIALIZED (
+    -- the namespace's rows read and scored once for both dense lists (a one-time
+    -- filter: on the index path nothing is read here)
+    SELECT c.id, c.document_id, c.ordinal,
+           1 - (c.embedding::vector({dims}) <=> %(qv)s::vector({dims})) AS sim
+    FROM chunks c
+    WHERE (SELECT exact FROM plan) AND greatest(%(k_dense)s, %(k_first)s) > 0
+      AND c.embedding_model = %(model)s AND c.namespace = %(ns)s {filter}
+), dense AS MATERIALIZED (
+    (SELECT * FROM exact ORDER BY sim DESC LIMIT %(k_dense)s)
+    UNION ALL
+    (SELECT c.id, c.document_id, c.ordinal,
+            1 - (c.embedding::vector({dims}) <=> %(qv)s::vector({dims})) AS sim
+     FROM chunks c
+     WHERE NOT (SELECT exact FROM plan)
+       AND c.embedding_model = %(model)s AND c.namespace = %(ns)s {filter}
+     ORDER BY c.embedding::vector({dims}) <=> %(qv)s::vector({dims})
+     LIMIT %(k_dense)s)
+), first AS MATERIALIZED (
+    (SELECT * FROM exact WHERE ordinal = 0 ORDER BY sim DESC LIMIT %(k_first)s)
+    UNION ALL
+    (SELECT c.id, c.document_id, c.ordinal,
+            1 - (c.embedding::vector({dims}) <=> %(qv)s::vector({dims})) AS sim
+     FROM chunks c
+     WHERE NOT (SELECT exact FROM plan)
+       AND c.embedding_model = %(model)s AND c.namespace = %(ns)s AND c.ordinal = 0 {filter}
+     ORDER BY c.embedding::vector({dims}) <=> %(qv)s::vector({dims})
+     LIMIT %(k_first)s)
+)
+"""
+# the lexical list: BM25 from the postings of the query's terms
+_LEXICAL = """
+, terms AS MATERIALIZED (
     -- candidates come from the query's rarer terms (and always its two rarest);
     -- every term scores them
     SELECT t.lexeme, ln(1 + (stats.n - t.df + 0.5) / (t.df + 0.5)) AS idf,
@@ -287,38 +401,62 @@ WITH dense AS MATERIALIZED (
     GROUP BY p.chunk_id
     HAVING bool_or(terms.probe)
 ), lexical AS MATERIALIZED (
-    SELECT scored.id, scored.lex FROM scored {lexical_filter}
-    ORDER BY scored.lex DESC
-    LIMIT %(k_lexical)s
-), ids AS (
-    SELECT id FROM dense UNION SELECT id FROM first UNION SELECT id FROM lexical
-), state AS MATERIALIZED (
-    SELECT kb_version, active_model FROM kb_state WHERE namespace = %(ns)s
+    SELECT top.id, c.document_id, c.ordinal, top.lex
+    FROM (
+        SELECT scored.id, scored.lex FROM scored {lexical_filter}
+        ORDER BY scored.lex DESC
+        LIMIT %(k_lexical)s
+    ) AS top
+    -- one primary-key probe per candidate (a fence: never a scan of the namespace)
+    CROSS JOIN LATERAL (
+        SELECT c.document_id, c.ordinal FROM chunks c WHERE c.id = top.id OFFSET 0
+    ) AS c
 )
--- one row even without hits: the namespace's state, read in this statement's snapshot;
--- candidates are light (their spans are read for the hits that are returned)
+"""
+# one row even without hits: the namespace's state, read in this statement's snapshot;
+# candidates are light (their spans are read for the hits that are returned)
+_ROWS = """
 SELECT state.kb_version AS state_version, state.active_model AS state_model, hit.*
 FROM (SELECT 1) AS one
 LEFT JOIN state ON true
-LEFT JOIN (
-    SELECT ids.id, c.document_id, c.ordinal, dense.sim, first.sim AS first_sim, lexical.lex
-    FROM ids
-    -- one primary-key probe per candidate (a fence: never a scan of the namespace)
-    CROSS JOIN LATERAL (
-        SELECT c.document_id, c.ordinal FROM chunks c WHERE c.id = ids.id OFFSET 0
-    ) AS c
-    LEFT JOIN dense ON dense.id = ids.id
-    LEFT JOIN first ON first.id = ids.id
-    LEFT JOIN lexical ON lexical.id = ids.id
-) AS hit ON true
+LEFT JOIN ({hits}) AS hit ON true
 """
+_HITS = {
+    "both": """
+    SELECT coalesce(d.id, f.id, l.id)::text AS id,
+           coalesce(d.document_id, f.document_id, l.document_id)::text AS document_id,
+           coalesce(d.ordinal, f.ordinal, l.ordinal) AS ordinal,
+           d.sim, f.sim AS first_sim, l.lex
+    FROM dense AS d
+    FULL JOIN first AS f ON f.id = d.id
+    FULL JOIN lexical AS l ON l.id = coalesce(d.id, f.id)
+""",
+    "dense": """
+    SELECT coalesce(d.id, f.id)::text AS id,
+           coalesce(d.document_id, f.document_id)::text AS document_id,
+           coalesce(d.ordinal, f.ordinal) AS ordinal,
+           d.sim, f.sim AS first_sim, NULL::float8 AS lex
+    FROM dense AS d
+    FULL JOIN first AS f ON f.id = d.id
+""",
+    "lexical": """
+    SELECT l.id::text, l.document_id::text, l.ordinal,
+           NULL::float8 AS sim, NULL::float8 AS first_sim, l.lex
+    FROM lexical AS l
+""",
+}
+_STATEMENTS = {
+    "both": _HEAD + _DENSE + _LEXICAL + _ROWS.replace("{hits}", _HITS["both"]),
+    "dense": _HEAD + _DENSE + _ROWS.replace("{hits}", _HITS["dense"]),
+    "lexical": _HEAD + _LEXICAL + _ROWS.replace("{hits}", _HITS["lexical"]),
+}
 
 _SPANS = """
 SELECT c.id, d.source_uri, d.title, c.text, c.heading_path, c.char_start, c.char_end,
        c.metadata
 FROM chunks c
 JOIN documents d ON d.tenant_id = c.tenant_id AND d.id = c.document_id
-WHERE c.id = ANY(%s)
+WHERE c.id = ANY(%s::uuid[])
 """
 
 
@@ -333,13 +471,20 @@ class Retriever:
         *,
         ef_search: int = 100,
         max_scan_tuples: int = 20000,
+        hnsw_visit_cost: float = HNSW_VISIT_COST,
+        concurrent: bool = True,
     ) -> None:
         self._db = db
         self._embedders = EmbedderRegistry.of(embedder)
+        self.hnsw_visit_cost = hnsw_visit_cost
+        self.concurrent = concurrent
         self._settings = {
             "hnsw.ef_search": str(ef_search),
             "hnsw.iterative_scan": "relaxed_order",
             "hnsw.max_scan_tuples": str(max_scan_tuples),
+            # a generic plan of a prepared search statement reads the whole namespace
+            # (4-7x slower on pyfaq): always plan for the parameters
+            "plan_cache_mode": "force_custom_plan",
         }
 
     async def embed_query(self, query: str, model: str | None = None) -> npt.NDArray[np.float32]:
@@ -385,6 +530,8 @@ class Retriever:
             t1 = time.perf_counter()
             rows = await self._fetch(config, query, embedder, vector, k, filters, mode, fusion)
             timings["retrieve"] += (time.perf_counter() - t1) * 1000
+            if rows is None:  # a switch committed between the two statements: again
+                continue
             active = rows[0]["state_model"]
             if active is None or active == embedder.model_id:
                 hits = [r for r in rows if r["id"] is not None]
@@ -411,18 +558,11 @@ class Retriever:
         filters: Mapping[str, Any] | None,
         mode: SearchMode,
         fusion: FusionConfig,
-    ) -> list[dict[str, Any]]:
-        """One search statement: the state row (``state_model``, ``state_version``) on
-        every row, hits where ``id`` is set (one row with ``id`` None when none)."""
-        statement = sql.SQL(_SEARCH).format(
-            dims=sql.Literal(embedder.dimensions),
-            filter=sql.SQL("AND c.metadata @> %(filters)s::jsonb" if filters else ""),
-            lexical_filter=sql.SQL(
-                "JOIN chunks c ON c.id = scored.id WHERE c.metadata @> %(filters)s::jsonb"
-                if filters
-                else ""
-            ),
-        )
+    ) -> list[dict[str, Any]] | None:
+        """The candidates: the state row (``state_model``, ``state_version``) on every row,
+        hits where ``id`` is set (one row with ``id`` None when none). Hybrid search runs
+        its dense and lexical statements at once, each in a unit of work of its own (None:
+        they saw different models, a switch committed between them)."""
         params: dict[str, Any] = {
             "qv": query_vector if query_vector is not None else _zero(embedder),
             "model": embedder.model_id,
@@ -435,9 +575,37 @@ class Retriever:
             "b": fusion.bm25_b,
             "max_df": fusion.max_df,
             "filters": _json(filters),
+            "visit_cost": self.hnsw_visit_cost,
         }
-        async with self._db.tenant(config.tenant_id, settings=self._settings) as s:
-            return [dict(r) for r in await s.fetch_all(statement, params)]
+        run = functools.partial(self._run, config, embedder, filters, params)
+        if mode != "hybrid":
+            return await run(mode)
+        if not self.concurrent:
+            return await run("both")
+        dense, lexical = await asyncio.gather(run("dense"), run("lexical"))
+        return _merge(dense, lexical)
+
+    async def _run(
+        self,
+        config: NamespaceConfig,
+        embedder: Embedder,
+        filters: Mapping[str, Any] | None,
+        params: dict[str, Any],
+        which: str,
+    ) -> list[dict[str, Any]]:
+        statement = sql.SQL(_STATEMENTS[which]).format(
+            dims=sql.Literal(embedder.dimensions),
+            filter=sql.SQL("AND c.metadata @> %(filters)s::jsonb" if filters else ""),
+            lexical_filter=sql.SQL(
+                "JOIN chunks c ON c.id = scored.id WHERE c.metadata @> %(filters)s::jsonb"
+                if filters
+                else ""
+            ),
+        )
+        rows = await self._db.tenant_fetch(
+            config.tenant_id, statement, params, settings=self._settings
+        )
+        return [dict(r) for r in rows]
 
     async def search(
         self,
@@ -481,11 +649,10 @@ class Retriever:
         chunks, documents = chunks[:top_k], documents[:top_k]
         wanted = {str(r["id"]) for _, r, _, _ in chunks} | {str(b["id"]) for _, _, b in documents}
         t0 = time.perf_counter()
-        async with self._db.tenant(config.tenant_id) as s:
-            spans = {
-                str(r["id"]): dict(r)
-                for r in await s.fetch_all(_SPANS, ([uuid.UUID(i) for i in wanted],))
-            }
+        spans = {
+            str(r["id"]): dict(r)
+            for r in await self._db.tenant_fetch(config.tenant_id, _SPANS, (sorted(wanted),))
+        }
         timings = dict(found.timings_ms)
         timings["spans"] = (time.perf_counter() - t0) * 1000
         chunk_hits = [
@@ -510,6 +677,29 @@ class Retriever:
             documents=document_hits,
             timings_ms=timings,
         )
+
+
+def _merge(
+    dense: list[dict[str, Any]], lexical: list[dict[str, Any]]
+) -> list[dict[str, Any]] | None:
+    """One candidate list from the dense and the lexical statements' rows (None: they saw
+    different models); the older of the two versions they saw."""
+    if dense[0]["state_model"] != lexical[0]["state_model"]:
+        return None
+    version = min(dense[0]["state_version"] or 0, lexical[0]["state_version"] or 0)
+    by_id = {r["id"]: r for r in dense if r["id"] is not None}
+    for r in lexical:
+        if r["id"] is None:
+            continue
+        if r["id"] in by_id:
+            by_id[r["id"]]["lex"] = r["lex"]
+        else:
+            by_id[r["id"]] = r
+    state = {"state_model": dense[0]["state_model"], "state_version": version}
+    return [r | state for r in by_id.values()] or [state | dict.fromkeys(_HIT_COLUMNS)]
+
+
+_HIT_COLUMNS = ("id", "document_id", "ordinal", "sim", "first_sim", "lex")
 
 
 @dataclass(frozen=True)
