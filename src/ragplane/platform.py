@@ -15,10 +15,8 @@ from typing import TYPE_CHECKING
 import anyio
 import httpx
 from fastapi import FastAPI
-from starlette.applications import Starlette
 from starlette.responses import JSONResponse
-from starlette.routing import Mount
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ragplane import __version__
 from ragplane.config import Region, Settings
@@ -37,7 +35,7 @@ from ragplane.edge.devkeys import DevKeys, load_or_create_dev_keys
 from ragplane.edge.errors import install_error_handlers
 from ragplane.edge.middleware import RequestContextMiddleware
 from ragplane.edge.tenancy import Edge
-from ragplane.errors import ConfigError
+from ragplane.errors import ConfigError, RagplaneError
 from ragplane.gateway.runtime import Gateway
 from ragplane.observe.logging import get_logger
 from ragplane.service.api import router as platform_router
@@ -323,19 +321,41 @@ class _GatewayMount:
         await gateway.app(scope, receive, send)
 
 
-def create_gateway_app(settings: Settings, *, platform: Platform | None = None) -> Starlette:
+class _GatewayServer(_GatewayMount):
+    """The gateway alone at the root, with the platform's lifecycle on ASGI lifespan
+    (no routing layer in between: this is the gateway's hot path)."""
+
+    def __init__(self, platform: Platform, *, owned: bool) -> None:
+        super().__init__(platform)
+        self._owned = owned
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    if self._owned:
+                        await self._platform.start()
+                except RagplaneError as exc:  # reported by the server, which then exits
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    if self._owned:
+                        await self._platform.stop()
+                finally:
+                    await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_gateway_app(settings: Settings, *, platform: Platform | None = None) -> ASGIApp:
     """The gateway alone (``ragplane serve gateway``), with the platform's lifecycle."""
     owned = platform is None
-    plat = platform if platform is not None else Platform(settings)
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if owned:
-            await plat.start()
-        try:
-            yield
-        finally:
-            if owned:
-                await plat.stop()
-
-    return Starlette(routes=[Mount("/", _GatewayMount(plat))], lifespan=lifespan)
+    return _GatewayServer(platform if platform is not None else Platform(settings), owned=owned)

@@ -26,6 +26,7 @@ from tests.integration.gateway_harness import (
 )
 
 TENANT = "tnt_alpha"
+HEADERS_OPENAI = {"authorization": f"Bearer {SERVICE_KEY}", "x-tenant-id": TENANT}
 
 
 @pytest.fixture
@@ -427,3 +428,18 @@ async def test_virtual_key_needs_the_gateway_scope_and_stops_when_revoked(
             await a.messages.create(
                 model="claude", max_tokens=8, messages=[{"role": "user", "content": "no"}]
             )
+
+
+async def test_unknown_paths_and_methods_answer_in_the_callers_shape(
+    gateway: tuple[Gateway, str],
+) -> None:
+    _, url = gateway
+    async with httpx.AsyncClient() as client:
+        missing = await client.post(f"{url}/v1/completions", json={}, headers=HEADERS_OPENAI)
+        wrong_method = await client.get(f"{url}/v1/chat/completions", headers=HEADERS_OPENAI)
+        health = await client.get(f"{url}/health")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["type"] == "not_found_error"
+    assert wrong_method.status_code == 405
+    assert missing.headers["x-request-id"] in missing.json()["error"]["message"]
+    assert health.json() == {"status": "ok"}

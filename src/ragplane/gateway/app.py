@@ -8,7 +8,8 @@ official SDKs raise their usual exception types. Every response carries
 ``x-request-id`` and ``x-ragplane-overhead-ms``: the time spent inside the gateway,
 that is the whole handling time minus the time spent waiting for the provider.
 
-The app is plain Starlette (not FastAPI) and bodies are parsed with orjson: this is
+The app is a bare ASGI callable over Starlette's request and response classes (no
+FastAPI, no routing table or middleware) and bodies are parsed with orjson: this is
 the hot path of every LLM call and its CPU budget is about a millisecond.
 """
 
@@ -16,17 +17,16 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route as HttpRoute
 from starlette.types import Receive, Scope, Send
 
 from ragplane.edge.middleware import new_request_id
-from ragplane.errors import ApiError, BadRequest, GatewayError
+from ragplane.errors import ApiError, BadRequest, GatewayError, NotFound
 from ragplane.gateway.apierrors import render_error
 from ragplane.gateway.auth import GatewayAuth, GatewayPrincipal
 from ragplane.gateway.relay import StreamRelay
@@ -35,7 +35,7 @@ from ragplane.gateway.types import Api, Breaker, BreakerState
 from ragplane.observe.logging import get_logger
 from ragplane.observe.tracecontext import TraceContext
 
-__all__ = ["GatewayApp", "create_gateway_app"]
+__all__ = ["GatewayApp"]
 
 log = get_logger("ragplane.gateway")
 
@@ -57,22 +57,44 @@ class _Begun:
 
 
 class GatewayApp:
-    """Handlers over one :class:`Router`; ``app`` is the Starlette application."""
+    """Handlers over one :class:`Router`; the instance is the ASGI application.
+
+    Dispatch is one dictionary look-up on (method, path): no routing table, no
+    middleware stack — every exception is already turned into the caller protocol's
+    error by the handlers.
+    """
 
     def __init__(self, router: Router, auth: GatewayAuth, breaker: Breaker) -> None:
         self.router = router
         self.auth = auth
         self.breaker = breaker
-        self.app = Starlette(
-            routes=[
-                HttpRoute("/v1/chat/completions", self.chat_completions, methods=["POST"]),
-                HttpRoute("/v1/messages", self.messages, methods=["POST"]),
-                HttpRoute("/v1/embeddings", self.embeddings, methods=["POST"]),
-                HttpRoute("/v1/models", self.models, methods=["GET"]),
-                HttpRoute("/v1/health/routes", self.route_health, methods=["GET"]),
-                HttpRoute("/health", self.health, methods=["GET"]),
-            ]
-        )
+        self._routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
+            ("POST", "/v1/chat/completions"): self.chat_completions,
+            ("POST", "/v1/messages"): self.messages,
+            ("POST", "/v1/embeddings"): self.embeddings,
+            ("GET", "/v1/models"): self.models,
+            ("GET", "/v1/health/routes"): self.route_health,
+            ("GET", "/health"): self.health,
+        }
+        self._paths = {path for _, path in self._routes}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan belongs to whoever serves the app
+            return
+        path = _route_path(scope)
+        handler = self._routes.get((scope["method"], path))
+        request = Request(scope, receive)
+        if handler is not None:
+            response = await handler(request)
+        else:
+            api: Api = "anthropic" if path == "/v1/messages" else "openai"
+            begun = _Begun(time.perf_counter(), new_request_id())
+            if path in self._paths:
+                error: ApiError = _MethodNotAllowed(f"{scope['method']} is not allowed on {path}")
+            else:
+                error = NotFound(f"no such endpoint: {path}")
+            response = _error(api, error, begun)
+        await response(scope, receive, send)
 
     # -- handlers --------------------------------------------------------------------
 
@@ -225,6 +247,20 @@ class GatewayApp:
             return _error(api, exc, begun)
 
 
+class _MethodNotAllowed(ApiError):
+    status_code = 405
+    code = "method_not_allowed"
+
+
+def _route_path(scope: Scope) -> str:
+    """The path below the mount point (``/gateway`` inside the one-process platform)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :] or "/"
+    return path
+
+
 def _parse_body(raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
@@ -282,7 +318,3 @@ def _error(api: Api, exc: Exception, begun: _Begun) -> Response:
     return Response(
         rendered.body, status_code=rendered.status, headers=rendered.headers | _ids(begun)
     )
-
-
-def create_gateway_app(router: Router, auth: GatewayAuth, breaker: Breaker) -> Starlette:
-    return GatewayApp(router, auth, breaker).app

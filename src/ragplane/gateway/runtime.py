@@ -9,8 +9,6 @@ gateway`` serves it alone.
 
 from __future__ import annotations
 
-from starlette.applications import Starlette
-
 from ragplane.config import Settings
 from ragplane.control.tenants import TenantRegistry
 from ragplane.data.db import Database
@@ -52,7 +50,7 @@ class Gateway:
             registry=registry if registry is not None else (TenantRegistry(db) if db else None),
             cache_s=settings.edge.tenant_cache_s,
         )
-        self.app: Starlette = GatewayApp(self.router, self.auth, self.breaker).app
+        self.app = GatewayApp(self.router, self.auth, self.breaker)
 
     async def start(self) -> None:
         if self.ledger is not None:
