@@ -124,7 +124,7 @@ class KnowledgeSettings(_Frozen):
         description="Load the embedding model when the API starts (the worker always does).",
     )
     hnsw_visit_cost: float = Field(
-        default=10.0,  # knowledge.search.HNSW_VISIT_COST: docs/benchmarks.md (scale)
+        default=20.0,  # knowledge.search.HNSW_VISIT_COST: docs/benchmarks.md (scale)
         ge=0,
         description="Dense search reads a namespace of n chunks exactly, instead of walking "
         "the HNSW index shared with the table's N, when n^2 < hnsw_visit_cost * k * N "

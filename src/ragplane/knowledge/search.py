@@ -89,7 +89,7 @@ __all__ = [
 
 SearchMode = Literal["hybrid", "dense", "lexical"]
 
-HNSW_VISIT_COST = 10.0
+HNSW_VISIT_COST = 20.0
 """What one index tuple visited by a filtered HNSW walk costs, in rows read by an exact
 search: a namespace of ``n`` chunks out of the table's ``N`` is searched exactly when
 ``n < visit_cost * k * N / n`` (``knowledge.hnsw_visit_cost``; docs/benchmarks.md, scale)."""
@@ -462,7 +462,12 @@ WHERE c.id = ANY(%s::uuid[])
 
 class Retriever:
     """Searches namespaces; ``embedder`` is one embedder or a registry of them (a query is
-    embedded with the model its namespace is answered with)."""
+    embedded with the model its namespace is answered with).
+
+    ``hnsw_visit_cost`` decides exact search against the index (module docstring; 0:
+    always the index); ``concurrent`` runs hybrid search's dense and lexical statements
+    at once, on two pooled connections (else one statement reads all three lists).
+    """
 
     def __init__(
         self,
