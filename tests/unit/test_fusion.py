@@ -129,6 +129,13 @@ def test_fusion_matches_its_definition(config: FusionConfig, mode: SearchMode, s
     assert [s for _, s, _ in documents] == pytest.approx([s for _, s, _ in ranked], abs=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["hybrid", "dense", "lexical"])
+def test_a_limit_keeps_the_head_of_both_rankings(mode: SearchMode) -> None:
+    rows = _rows(4)
+    chunks, documents = rank_candidates(rows, FusionConfig(), mode)
+    assert rank_candidates(rows, FusionConfig(), mode, 10) == (chunks[:10], documents[:10])
+
+
 def test_no_candidates_rank_nothing() -> None:
     assert rank_candidates([], FusionConfig(), "hybrid") == ([], [])
     assert rank_documents([], FusionConfig()) == {}

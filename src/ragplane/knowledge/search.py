@@ -1,15 +1,16 @@
 """Hybrid retrieval: pgvector HNSW + Postgres full text, fused, under row-level security.
 
-One tenant unit of work per query, sent in one round trip (BEGIN, the tenant and the
-HNSW settings, the statement, COMMIT: :meth:`Database.tenant_fetch`): the candidate
-lists come back with their chunks' documents and ordinals in one statement, then they
-are fused here (array arithmetic), and a second round trip reads the spans of the hits
-returned. Three candidate lists:
+Hybrid search reads its candidates with two statements at once — the dense lists, and
+the lexical list — each in a tenant unit of work of its own on its own pooled
+connection, sent in one round trip (BEGIN, the tenant and the HNSW settings, the
+statement, COMMIT: :meth:`Database.tenant_fetch`). The candidates come back with their
+chunks' documents and ordinals, are fused here (array arithmetic), and a second round
+trip reads the spans of the hits returned. Three candidate lists:
 
 - ``dense``: the chunks nearest to the query (HNSW);
-- ``first``: the documents' *first* chunks nearest to the query (the same index,
-  filtered to ordinal 0): a document's title and opening, which is how dense
-  retrieval over whole documents sees it;
+- ``first``: the documents' *first* chunks nearest to the query (a partial HNSW index
+  on ordinal 0): a document's title and opening, which is how dense retrieval over
+  whole documents sees it;
 - ``lexical``: BM25 over the chunks, from the kept statistics and the postings of
   the query's terms (``kb_postings``, read by primary key: under row-level security
   an index on ``tsv`` cannot serve ``@@``, which is not leakproof).
@@ -45,8 +46,9 @@ scores both dense lists from them (docs/benchmarks.md, scale).
 
 **The model.** A query is embedded with the model the namespace is answered with
 (``kb_state.active_model``), which only a model switch changes (together with the
-namespace's pin). The search statement reads ``kb_state`` itself, so the model it
-filters chunks on and the model it reports come from one snapshot: a search that
+namespace's pin). Each search statement reads ``kb_state`` itself, so the model it
+filters chunks on and the model it reports come from one snapshot (two statements that
+saw different models search again; of two versions the older is reported): a search that
 meets a swap that committed after the query was embedded embeds the query again with
 the new model and searches once more (the retriever must have that model; if it has
 not, :class:`~ragplane.errors.ModelMismatch`). Queries therefore keep working through
@@ -225,7 +227,7 @@ def _scored(
 
 
 def _fuse(
-    cols: _Columns, config: FusionConfig, mode: SearchMode
+    cols: _Columns, config: FusionConfig, mode: SearchMode, limit: int | None = None
 ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64], list[Scored]]:
     if mode != "hybrid":
         column = "sim" if mode == "dense" else "lex"
@@ -238,7 +240,7 @@ def _fuse(
             score,
             _scored(
                 cols,
-                order,
+                order[:limit],
                 score,
                 ranks if mode == "dense" else None,
                 ranks if mode == "lexical" else None,
@@ -260,7 +262,7 @@ def _fuse(
                 score[present] += weight * (values - lo) / span
         score += config.lead_bonus * cols.first_chunk
     order = np.lexsort((cols.ids, -score))
-    return order, score, _scored(cols, order, score, d_rank, l_rank)
+    return order, score, _scored(cols, order[:limit], score, d_rank, l_rank)
 
 
 def fuse(rows: list[dict[str, Any]], config: FusionConfig, mode: SearchMode) -> list[Scored]:
@@ -310,13 +312,13 @@ def rank_documents(rows: list[dict[str, Any]], config: FusionConfig) -> dict[str
 
 
 def rank_candidates(
-    rows: list[dict[str, Any]], config: FusionConfig, mode: SearchMode
+    rows: list[dict[str, Any]], config: FusionConfig, mode: SearchMode, limit: int | None = None
 ) -> tuple[list[Scored], list[tuple[str, float, dict[str, Any]]]]:
     """Chunks, best first (:func:`fuse`), and documents as (document id, score, best
     chunk's row), best first: in ``hybrid`` mode scored by :func:`rank_documents`, else by
-    their best chunk."""
+    their best chunk; the first ``limit`` of each (default: all)."""
     cols = _Columns(rows)
-    order, score, chunks = _fuse(cols, config, mode)
+    order, score, chunks = _fuse(cols, config, mode, limit)
     # each document's best chunk: its first place in the chunk order
     docs_in_order = cols.doc[order]
     seen, first_at = np.unique(docs_in_order, return_index=True)
@@ -325,7 +327,7 @@ def rank_candidates(
     ranked = np.lexsort((cols.doc_ids[seen], -doc_score))
     documents = [
         (str(cols.doc_ids[seen[i]]), float(doc_score[i]), cols.rows[best_row[i]])
-        for i in ranked.tolist()
+        for i in ranked[:limit].tolist()
     ]
     return chunks, documents
 
@@ -650,8 +652,7 @@ class Retriever:
     ) -> SearchResult:
         """Fuse candidates (:func:`rank_candidates`), then read the spans of the chunks
         returned (a hit whose chunk was deleted meanwhile is left out)."""
-        chunks, documents = rank_candidates(found.rows, fusion, mode)
-        chunks, documents = chunks[:top_k], documents[:top_k]
+        chunks, documents = rank_candidates(found.rows, fusion, mode, top_k)
         wanted = {str(r["id"]) for _, r, _, _ in chunks} | {str(b["id"]) for _, _, b in documents}
         t0 = time.perf_counter()
         spans = {
