@@ -93,6 +93,14 @@ async def test_the_scale_bench_measures_recall_against_exact_search(scale_db: Pg
         assert scores["p95_ms"] >= scores["p50_ms"] > 0
         # other settings are tried only where the index is used
         assert set(scores["sweep"]) == (set(SWEEP) if scores["plan_uses_hnsw"] else set())
+        # the Retriever's own choice, the planner's (as before it), the index forced
+        assert scores["searched"] in ("exact", "hnsw")
+        for side in ("planner", "hnsw_forced"):
+            assert 0.0 <= scores[side]["min_recall@10"] <= scores[side]["recall@10"] <= 1.0
+        assert scores["hnsw_forced"]["plan_uses_hnsw"]
+    # a table this small is read exactly for every tenant, so exactly
+    assert {s["searched"] for s in report["tenants_measured"].values()} == {"exact"}
+    assert all(s["recall@10"] == 1.0 for s in report["tenants_measured"].values())
     # a broken comparison (ids of another shape, the wrong tenant) would score near 0
     assert report["tenants_measured"]["largest"]["recall@10"] >= 0.5
     assert report["index_build_s"] > 0
@@ -111,6 +119,13 @@ async def test_the_scale_bench_measures_recall_against_exact_search(scale_db: Pg
         ).fetchall()
         assert dict(forced) == {"chunks": True, "documents": True}
     assert _schema_state(scale_db.owner) == schema_before
+    # the chunk counts the statistics triggers would keep (off for the load)
+    assert scale_db.urls.reporting is not None  # the role that reads across tenants
+    with psycopg.connect(scale_db.urls.reporting) as conn:
+        counts = conn.execute(
+            "SELECT tenant_id, chunks FROM kb_text_stats ORDER BY chunks DESC, tenant_id"
+        ).fetchall()
+    assert [n for _, n in counts] == sorted(result.sizes, reverse=True)
 
     # exact search agrees with itself, and sees only its own tenant's rows
     tenant = "scale_t000"
