@@ -150,10 +150,13 @@ async def test_a_prompt_longer_than_the_context_is_a_400(llama: LlamaCppTranspor
 
 
 async def test_cancelling_send_stops_the_job(llama: LlamaCppTransport) -> None:
+    # a question with a long answer, cancelled 50 ms in: on a quiet box a short answer
+    # (the default question) could be complete before the cancellation arrives
+    story = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
     task = asyncio.create_task(
-        llama.send(chat_request(LOCAL, max_tokens=300), connect_s=1, ttft_s=60)
+        llama.send(chat_request(LOCAL, messages=story, max_tokens=300), connect_s=1, ttft_s=60)
     )
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
