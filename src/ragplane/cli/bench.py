@@ -1,0 +1,348 @@
+"""``ragplane bench``: benchmarks, side by side with a baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+
+if TYPE_CHECKING:
+    pass
+
+from ragplane.cli._common import (
+    _run,
+    _throwaway_database,
+    bench_app,
+    err,
+    out,
+)
+
+__all__ = []
+
+
+@bench_app.command("tenancy")
+def bench_tenancy(
+    tenants: Annotated[int, typer.Option(min=1, help="Number of tenants.")] = 50,
+    rows: Annotated[int, typer.Option(min=1, help="Documents per tenant.")] = 2000,
+    iterations: Annotated[int, typer.Option(min=100, help="Timed queries per side.")] = 2000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """The cost of RLS isolation: tenant unit of work vs. a plain filtered query.
+
+    Runs on a throwaway embedded database in a temporary directory.
+    """
+    import json
+
+    from ragplane.evals.bench_tenancy import run_tenancy_bench
+
+    with _throwaway_database() as urls:
+        result = _run(
+            run_tenancy_bench(
+                urls,
+                tenants=tenants,
+                rows_per_tenant=rows,
+                iterations=iterations,
+                progress=lambda msg: err.print(f"[dim]{msg}…[/]"),
+            )
+        )
+    if as_json:
+        print(json.dumps(result.as_json(), indent=2))
+        return
+    table = Table(
+        "query",
+        "baseline p50 ms",
+        "baseline p95 ms",
+        "RLS p50 ms",
+        "RLS p95 ms",
+        "p50 ratio",
+        title=f"RLS unit of work vs. filtered query "
+        f"({result.rows:,} rows, {result.tenants} tenants)",
+    )
+    for name, sides in result.results.items():
+        b, r = sides["baseline"], sides["rls"]
+        table.add_row(
+            name,
+            f"{b.p50_ms:.3f}",
+            f"{b.p95_ms:.3f}",
+            f"{r.p50_ms:.3f}",
+            f"{r.p95_ms:.3f}",
+            f"{r.p50_ms / b.p50_ms:.2f}x",
+        )
+    out.print(table)
+
+
+@bench_app.command("retrieval")
+def bench_retrieval(
+    dataset: Annotated[Path, typer.Option(help="BEIR-format directory (corpus, queries, qrels).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    sweep: Annotated[bool, typer.Option(help="Also score a grid of fusion settings.")] = False,
+    limit: Annotated[int | None, typer.Option(help="Ingest only the first N documents.")] = None,
+    db_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Keep the database in this directory (created if missing) and reuse it: "
+            "a rerun skips the unchanged corpus (its ingest figures are then a re-ingest's).",
+        ),
+    ] = None,
+) -> None:
+    """Retrieval quality and latency: BM25, dense, and ragplane hybrid, side by side.
+
+    Ingests the corpus through the real ingestion path into a throwaway embedded
+    database in a temporary directory (or the kept one of ``--db-dir``).
+    """
+    import json
+
+    from ragplane.evals.bench_retrieval import default_sweep, load_beir, run_retrieval_bench
+
+    data = load_beir(dataset)
+    with _throwaway_database(db_dir) as urls:
+        result = _run(
+            run_retrieval_bench(
+                urls,
+                data,
+                sweep=default_sweep() if sweep else (),
+                limit_documents=limit,
+                progress=lambda msg: err.print(f"[dim]{msg}[/]"),
+            )
+        )
+    if as_json:
+        print(json.dumps(result.as_json(), indent=2))
+        return
+    table = Table(
+        "retriever",
+        "nDCG@10",
+        "recall@10",
+        "recall@100",
+        "p50 ms",
+        "p95 ms",
+        "p50 ms (+embed)",
+        "p95 ms (+embed)",
+        title=f"{dataset.name}: {result.documents:,} documents, {result.chunks:,} chunks, "
+        f"{result.queries} queries",
+    )
+    for name, r in result.retrievers.items():
+        table.add_row(
+            name,
+            f"{r.ndcg_10:.3f}",
+            f"{r.recall_10:.3f}",
+            f"{r.recall_100:.3f}",
+            f"{r.p50_ms:.2f}",
+            f"{r.p95_ms:.2f}",
+            "" if r.p50_with_embed_ms is None else f"{r.p50_with_embed_ms:.2f}",
+            "" if r.p95_with_embed_ms is None else f"{r.p95_with_embed_ms:.2f}",
+        )
+    out.print(table)
+    ingest = result.as_json()["ingest"]
+    ratio = ingest["ratio_to_raw_embedder"]
+    out.print(
+        f"ingest: {ingest['docs_per_s']} documents/s, {ingest['tokens_per_s']:,} tokens/s "
+        f"({'n/a' if ratio is None else format(ratio, '.0%')} of the raw embedder's "
+        f"{ingest['raw_embedder_tokens_per_s']:,} tokens/s); re-ingest: "
+        f"{ingest['reingest_new_chunks']} new chunks, "
+        f"{ingest['reingest_embedding_calls']} embedding calls"
+    )
+    out.print(f"fusion: {result.fusion}")
+    for fusion, ndcg in result.sweep:
+        out.print(f"  sweep {fusion} -> nDCG@10 {ndcg:.4f}")
+
+
+@bench_app.command("scale")
+def bench_scale(
+    chunks: Annotated[int, typer.Option(min=100, help="Chunk rows in all.")] = 1_000_000,
+    tenants: Annotated[int, typer.Option(min=1, help="Tenants (skewed sizes).")] = 100,
+    queries: Annotated[int, typer.Option(min=1, help="Queries per measured tenant.")] = 200,
+    maintenance_work_mem: Annotated[str, typer.Option(help="For the index build.")] = "4GB",
+    workers: Annotated[int, typer.Option(min=0, help="Parallel index-build workers.")] = 1,
+    sweep: Annotated[bool, typer.Option(help="Also try other HNSW scan settings.")] = False,
+    visit_cost: Annotated[
+        float | None,
+        typer.Option(min=0, help="The Retriever's hnsw_visit_cost (default: as shipped)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Filtered ANN at scale: recall@10 against exact search, latency, build time, memory.
+
+    Synthetic vectors, bulk-loaded into a throwaway embedded database in a
+    temporary directory (about 4 GB at a million chunks); not part of CI.
+    """
+    import json
+
+    from ragplane.evals.bench_scale import run_scale_bench
+    from ragplane.knowledge.search import HNSW_VISIT_COST
+
+    with _throwaway_database() as urls:
+        result = _run(
+            run_scale_bench(
+                urls,
+                chunks=chunks,
+                tenants=tenants,
+                queries=queries,
+                maintenance_work_mem=maintenance_work_mem,
+                parallel_workers=workers,
+                sweep=sweep,
+                hnsw_visit_cost=HNSW_VISIT_COST if visit_cost is None else visit_cost,
+                progress=lambda msg: err.print(f"[dim]{msg}[/]"),
+            )
+        )
+    report = result.as_json()
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(
+        "tenant",
+        "chunks",
+        "share",
+        "recall@10",
+        "min",
+        "p50 ms",
+        "p95 ms",
+        "exact p50 ms",
+        "HNSW plan",
+        "searched",
+        "planner p50 / p95 ms",
+        "HNSW forced p50 / p95 ms",
+        title=f"{chunks:,} chunks, {tenants} tenants, {queries} queries per tenant",
+    )
+    for label, t in report["tenants_measured"].items():
+        table.add_row(
+            label,
+            f"{t['rows']:,}",
+            f"{t['share_pct']:.3f}%",
+            f"{t['recall@10']:.4f}",
+            f"{t['min_recall@10']:.2f}",
+            f"{t['p50_ms']:.2f}",
+            f"{t['p95_ms']:.2f}",
+            f"{t['exact_p50_ms']:.2f}",
+            "yes" if t["plan_uses_hnsw"] else "no",
+            t["searched"],
+            f"{t['planner']['p50_ms']:.2f} / {t['planner']['p95_ms']:.2f}",
+            f"{t['hnsw_forced']['p50_ms']:.2f} / {t['hnsw_forced']['p95_ms']:.2f}",
+        )
+        for name, swept in t["sweep"].items():
+            table.add_row(
+                f"  {name}",
+                "",
+                "",
+                f"{swept['recall@10']:.4f}",
+                f"{swept['min_recall@10']:.2f}",
+                f"{swept['p50_ms']:.2f}",
+                f"{swept['p95_ms']:.2f}",
+            )
+    out.print(table)
+    out.print(
+        f"load {report['load_s']} s; index build {report['index_build_s']} s "
+        f"({report['index_build']}); sizes MB {report['sizes_mb']}"
+    )
+    out.print(f"memory: {report['memory']}")
+
+
+@bench_app.command("gateway")
+def bench_gateway(
+    concurrency: Annotated[
+        list[int] | None, typer.Option("--concurrency", "-c", min=1, help="Repeatable.")
+    ] = None,
+    duration: Annotated[int, typer.Option(min=1, help="Seconds per measured run.")] = 10,
+    warmup: Annotated[int, typer.Option(min=0, help="Warm-up seconds per target (0: none).")] = 5,
+    requests: Annotated[
+        int, typer.Option(min=0, help="Soak requests after warm-up (RSS growth).")
+    ] = 100_000,
+    ttft_duration: Annotated[float, typer.Option(min=0.1, help="Seconds of streams.")] = 5.0,
+    target: Annotated[
+        list[str] | None,
+        typer.Option("--target", "-t", help="floor, ragplane, litellm (repeatable; default all)."),
+    ] = None,
+    skip_litellm: Annotated[bool, typer.Option(help="Do not run LiteLLM.")] = False,
+    litellm: Annotated[
+        Path | None,
+        typer.Option(help="The litellm executable (default: scripts/litellm-venv.sh's venv)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """The gateway's overhead next to direct, an aiohttp floor and LiteLLM, side by side.
+
+    Every target is its own process on loopback, in front of one mock provider with a
+    50 ms latency; load from wrk. Needs wrk (apt-get install wrk) and, for LiteLLM,
+    its venv (scripts/litellm-venv.sh). Runs ragplane on a throwaway embedded database.
+    """
+    import json
+    import tempfile
+
+    from ragplane.evals.bench_gateway import TARGETS, GatewayBenchOptions, run_gateway_bench
+
+    targets = tuple(target or TARGETS)
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        raise typer.BadParameter(f"unknown target(s): {', '.join(sorted(unknown))}")
+    exe = litellm or Path.home() / ".cache/ragplane/litellm-venv/bin/litellm"
+    reason = ""
+    if skip_litellm or "litellm" not in targets:
+        reason = "--skip-litellm" if skip_litellm else "not requested"
+    elif not exe.exists():
+        reason = f"{exe} not found: run scripts/litellm-venv.sh"
+    with tempfile.TemporaryDirectory(prefix="ragplane-bench-gw-") as tmp:
+        opts = GatewayBenchOptions(
+            work_dir=Path(tmp),
+            concurrencies=tuple(concurrency or (1, 16, 64)),
+            duration_s=duration,
+            warmup_s=warmup,
+            requests=requests,
+            ttft_s=ttft_duration,
+            targets=targets,
+            litellm=None if reason else exe,
+            litellm_skip_reason=reason or "not requested",
+        )
+        progress = lambda msg: err.print(f"[dim]{msg}[/]", highlight=False)  # noqa: E731
+        if "ragplane" in targets:
+            with _throwaway_database() as urls:
+                report = run_gateway_bench(urls, opts, progress)
+        else:
+            report = run_gateway_bench(None, opts, progress)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    _print_gateway_report(report)
+
+
+def _print_gateway_report(report: dict[str, Any]) -> None:
+    setup = report["setup"]
+    table = Table(
+        "target",
+        "c",
+        "req/s",
+        "added p50 ms",
+        "added p99 ms",
+        "CPU ms/req",
+        "added TTFT p99 ms",
+        "RSS MB",
+        "RSS growth %",
+        "errors",
+        title=f"gateway overhead over a {setup['upstream']} ({setup['cores']} cores, "
+        f"load {setup['load_average_before'][0]})",
+    )
+    for name in ("direct", "floor", "ragplane", "litellm"):
+        entry = report.get(name)
+        if entry is None:
+            continue
+        if entry.get("skipped"):
+            table.add_row(name, "", f"skipped: {entry['reason']}")
+            continue
+        for c, f in entry["concurrency"].items():
+            ttft = f["added_ttft_p99_ms"]
+            table.add_row(
+                name,
+                c,
+                f"{f['rps']:,.0f}",
+                f"{f['added_p50_ms']:.2f}",
+                f"{f['added_p99_ms']:.2f}",
+                f"{f['cpu_ms_per_req']:.3f}",
+                "n/a" if ttft is None else f"{ttft:.2f}",
+                f"{f['rss_mb']:.0f}",
+                f"{f['rss_growth_pct']:.1f}",
+                str(f["errors"] + f["ttft_errors"]),
+            )
+    out.print(table)
+    for t in report["targets"]:
+        verdict = {True: "[green]met[/]", False: "[red]not met[/]", None: "n/a"}[t["met"]]
+        out.print(f"{t['goal']}: {verdict} ({t['measured']})", highlight=False)
