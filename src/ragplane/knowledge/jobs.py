@@ -224,26 +224,37 @@ class IngestQueue:
             assert row is not None
             job_id = row["id"]
             await _store_uploads(s, job_id, uploads, max_upload_bytes)
-            queued = await self._task.configure(
-                connection=s.connection,
-                # jobs of one namespace run one at a time: their writes to the BM25
-                # statistics rows would otherwise contend (and could deadlock)
-                lock=f"{INGEST_TASK}:{config.tenant_id}:{config.name}",
-            ).defer_async(tenant_id=config.tenant_id, job_id=str(job_id))
-            row = await s.fetch_one(
-                "UPDATE ingest_jobs SET procrastinate_job_id = %s WHERE id = %s RETURNING *",
-                (queued, job_id),
-            )
-        assert row is not None
-        job = IngestJob.from_row(row)
+            job = await self.defer_tracked(s, "ingest", config, job_id)
         log.info(
             "ingest_job_queued",
             job_id=job.id,
             namespace=config.name,
             uploads=len(uploads),
-            queue_job_id=queued,
+            queue_job_id=job.procrastinate_job_id,
         )
         return job
+
+    async def defer_tracked(
+        self, s: TenantSession, kind: JobKind, config: NamespaceConfig, job_id: uuid.UUID
+    ) -> IngestJob:
+        """Queue job ``job_id``'s task in ``s``'s transaction and record the queue's id on it.
+
+        Jobs of one kind run one at a time per namespace (the queueing lock): ingest jobs
+        would contend on the BM25 statistics rows (and could deadlock); two switches of
+        one namespace must not overlap. Ingest jobs and a switch have separate locks.
+        """
+        task, name = (
+            (self._task, INGEST_TASK) if kind == "ingest" else (self.switch_task, SWITCH_TASK)
+        )
+        queued = await task.configure(
+            connection=s.connection, lock=f"{name}:{config.tenant_id}:{config.name}"
+        ).defer_async(tenant_id=config.tenant_id, job_id=str(job_id))
+        row = await s.fetch_one(
+            "UPDATE ingest_jobs SET procrastinate_job_id = %s WHERE id = %s RETURNING *",
+            (queued, job_id),
+        )
+        assert row is not None
+        return IngestJob.from_row(row)
 
 
 async def _store_uploads(

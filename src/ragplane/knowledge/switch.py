@@ -42,7 +42,7 @@ from ragplane.data import Database
 from ragplane.data.queue import ENQUEUE_SETTINGS
 from ragplane.errors import KnowledgeError
 from ragplane.knowledge.ingest import lock_namespace
-from ragplane.knowledge.jobs import SWITCH_TASK, IngestJob, IngestQueue
+from ragplane.knowledge.jobs import IngestJob, IngestQueue
 from ragplane.knowledge.models import EmbedderRegistry
 from ragplane.observe.logging import get_logger
 
@@ -142,17 +142,7 @@ async def request_switch(
             "UPDATE kb_state SET switching_to = %s, switch_job_id = %s WHERE namespace = %s",
             (target_model, job_id, config.name),
         )
-        queued = await queue.switch_task.configure(
-            connection=s.connection,
-            # one switch of a namespace at a time; ingest jobs have their own lock
-            lock=f"{SWITCH_TASK}:{config.tenant_id}:{config.name}",
-        ).defer_async(tenant_id=config.tenant_id, job_id=str(job_id))
-        row = await s.fetch_one(
-            "UPDATE ingest_jobs SET procrastinate_job_id = %s WHERE id = %s RETURNING *",
-            (queued, job_id),
-        )
-    assert row is not None
-    job = IngestJob.from_row(row)
+        job = await queue.defer_tracked(s, "switch_model", config, job_id)
     log.info(
         "model_switch_queued",
         job_id=job.id,
@@ -160,6 +150,6 @@ async def request_switch(
         source_model=active,
         target_model=target_model,
         documents=job.documents_total,
-        queue_job_id=queued,
+        queue_job_id=job.procrastinate_job_id,
     )
     return job
