@@ -27,6 +27,7 @@ from ragplane.errors import (
     NoHealthyRoute,
     RegionNotServed,
     UnknownAlias,
+    UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
@@ -35,7 +36,7 @@ from ragplane.gateway.breaker import counts_against_route
 from ragplane.gateway.bulkhead import Bulkhead
 from ragplane.gateway.ledger import LedgerSink
 from ragplane.gateway.pricing import cost_usd
-from ragplane.gateway.providers import adapter_for, embeddings_adapter
+from ragplane.gateway.providers import adapter_for, caller_wants_usage, embeddings_adapter
 from ragplane.gateway.relay import StreamRelay
 from ragplane.gateway.retry import RetryBudget
 from ragplane.gateway.sse import SseDecoder
@@ -140,17 +141,21 @@ def _traced(request: UpstreamRequest, call: Call) -> UpstreamRequest:
     return replace(request, headers={**request.headers, "traceparent": call.traceparent})
 
 
+def _status_error(route: Route, response: UpstreamResponse, data: bytes) -> UpstreamError:
+    """The provider's error status, as our error with its provider and route."""
+    return upstream_error(
+        route.upstream_api,
+        response.status,
+        response.headers,
+        data,
+        provider=route.provider_name,
+        route=route.name,
+    )
+
+
 async def _raise_for_status(route: Route, response: UpstreamResponse) -> None:
     if response.status >= 400:
-        data = await response.read()
-        raise upstream_error(
-            route.upstream_api,
-            response.status,
-            response.headers,
-            data,
-            provider=route.provider_name,
-            route=route.name,
-        )
+        raise _status_error(route, response, await response.read())
 
 
 def _ms_since(started: float) -> float:
@@ -285,14 +290,7 @@ class Router:
             finally:
                 tally.upstream_s += time.perf_counter() - sent
             if response.status >= 400:
-                raise upstream_error(
-                    route.upstream_api,
-                    response.status,
-                    response.headers,
-                    data,
-                    provider=route.provider_name,
-                    route=route.name,
-                )
+                raise _status_error(route, response, data)
             body, usage = adapter.parse_response(data, route)
             return Completion(
                 body=body,
@@ -314,7 +312,7 @@ class Router:
     async def stream(self, call: Call) -> StreamResult:
         """A streaming call: returns once the first upstream chunk arrived."""
         tally = _Tally(started=time.perf_counter())
-        include_usage = bool((call.body.get("stream_options") or {}).get("include_usage"))
+        include_usage = caller_wants_usage(call.api, call.body)
 
         async def attempt(route: Route) -> _Started:
             adapter = adapter_for(call.api, route)
