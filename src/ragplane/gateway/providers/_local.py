@@ -20,6 +20,7 @@ __all__ = [
     "message_text",
     "parse_chat_request",
     "sse_frame",
+    "wants_usage",
 ]
 
 JSON_HEADERS: Mapping[str, str] = {"content-type": "application/json"}
@@ -59,6 +60,12 @@ def error_response(
     """An OpenAI-shaped error body, as an OpenAI-compatible server would send it."""
     body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
     return MemoryResponse(status, JSON_HEADERS, [orjson.dumps(body)])
+
+
+def wants_usage(body: Mapping[str, Any]) -> bool:
+    """Whether a streamed answer ends with a usage chunk (``stream_options.include_usage``)."""
+    options = body.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
 def parse_chat_request(request: UpstreamRequest) -> dict[str, Any] | MemoryResponse:

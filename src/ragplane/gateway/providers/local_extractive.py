@@ -58,6 +58,7 @@ from ragplane.gateway.providers._local import (
     message_text,
     parse_chat_request,
     sse_frame,
+    wants_usage,
 )
 from ragplane.gateway.types import UpstreamRequest
 
@@ -320,9 +321,7 @@ class LocalExtractiveTransport:
                 "usage": usage,
             }
             return MemoryResponse(200, JSON_HEADERS, [orjson.dumps(completion)])
-        options = body.get("stream_options")
-        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        return MemoryResponse(200, SSE_HEADERS, _stream(head, answer, usage, include_usage))
+        return MemoryResponse(200, SSE_HEADERS, _stream(head, answer, usage, wants_usage(body)))
 
     async def aclose(self) -> None:
         return None

@@ -45,6 +45,7 @@ from ragplane.gateway.providers._local import (
     message_text,
     parse_chat_request,
     sse_frame,
+    wants_usage,
 )
 from ragplane.gateway.types import UpstreamRequest
 from ragplane.observe.logging import get_logger
@@ -299,9 +300,7 @@ class LlamaCppTransport:
             return error_response(500, f"llama.cpp failed: {first!r}", kind="server_error")
         if isinstance(first, _End):  # no chunk at all: cannot happen with llama.cpp
             return error_response(500, "llama.cpp produced nothing", kind="server_error")
-        options = body.get("stream_options")
-        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        return _Stream(job, queue, first, model, include_usage)
+        return _Stream(job, queue, first, model, wants_usage(body))
 
     @staticmethod
     async def _complete(
