@@ -43,8 +43,21 @@ async def test_concurrent_calls_share_one_lookup(app_db: Database) -> None:
     assert {p.tenant_id for p in principals} == {"tnt_alpha"}
     assert {p.region for p in principals} == {"eu"}
     assert registry.calls == 1
-    await auth.authenticate(SERVICE_KEY, "tnt_alpha")  # later calls: the registry's cache
+    await auth.authenticate(SERVICE_KEY, "tnt_alpha")  # later calls: the accepted-call cache
+    assert registry.calls == 1
+
+
+async def test_an_accepted_call_is_checked_again_after_the_cache_time(app_db: Database) -> None:
+    registry = CountingRegistry(app_db)
+    auth = GatewayAuth(service_keys=(SERVICE_KEY,), db=app_db, registry=registry, cache_s=0.05)
+    await auth.authenticate(SERVICE_KEY, "tnt_alpha")
+    await auth.authenticate(SERVICE_KEY, "tnt_alpha")
+    assert registry.calls == 1
+    await asyncio.sleep(0.06)
+    await auth.authenticate(SERVICE_KEY, "tnt_alpha")
     assert registry.calls == 2
+    with pytest.raises(Forbidden):  # another tenant header is another entry, checked anew
+        await auth.authenticate(SERVICE_KEY, "tnt_nobody")
 
 
 async def test_concurrent_calls_for_an_unknown_tenant_all_refused(app_db: Database) -> None:

@@ -6,15 +6,9 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
-
-from ragplane.config import Settings
-from ragplane.errors import RagplaneError
-
-if TYPE_CHECKING:
-    pass
 
 from ragplane.cli._common import (
     ConfigOpt,
@@ -25,6 +19,8 @@ from ragplane.cli._common import (
     err,
     out,
 )
+from ragplane.config import Settings
+from ragplane.errors import RagplaneError
 
 __all__ = ["mock_provider", "serve", "up", "worker"]
 
@@ -44,19 +40,23 @@ def _serve(
     import uvicorn
     import uvloop
 
+    from ragplane.cli._server import Server
     from ragplane.observe.logging import configure_logging
     from ragplane.platform import Platform, create_app, create_gateway_app
 
     configure_logging(settings.log_level, settings.log_format)
     platform = Platform(settings)
     make_app = create_gateway_app if gateway_only else create_app
-    server = uvicorn.Server(
+    server = Server(
         uvicorn.Config(
             make_app(settings, platform=platform),
             host=settings.host,
             port=settings.port,
             log_level="warning",
             access_log=False,
+            # client addresses from X-Forwarded-For are the edge's business, for the
+            # proxies it trusts (edge.trusted_proxies), not uvicorn's loopback default
+            proxy_headers=False,
         )
     )
 

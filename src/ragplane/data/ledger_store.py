@@ -2,9 +2,10 @@
 
 :func:`write_ledger_rows` writes one batch (rows of any number of tenants) in one
 transaction on one connection: per tenant group, ``set_config('app.tenant_id', …,
-true)`` and then a single ``INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING``,
-all sent in one pipeline, so a batch costs three round trips (BEGIN, the pipeline,
-COMMIT) however many tenants it holds. Row-level security checks every row against
+true)`` and then a single ``INSERT … SELECT FROM json_to_recordset(…) ON CONFLICT DO
+NOTHING`` (the group's rows as one JSON parameter), all sent in one pipeline, so a
+batch costs three round trips (BEGIN, the pipeline, COMMIT) however many tenants it
+holds. Row-level security checks every row against
 the tenant set for its group, as for any unit of work.
 
 A row the database refuses (a tenant that is not registered, a value out of range)
@@ -90,7 +91,7 @@ class WriteResult:
     rejected: tuple[tuple[LedgerRow, str], ...] = ()  # refused rows and why
 
 
-# (column, element type of the array it travels in) in the order of LedgerRow's fields
+# (column, SQL type) in the order of LedgerRow's fields after tenant_id
 _COLUMNS: tuple[tuple[str, str], ...] = (
     ("id", "uuid"),
     ("created_at", "timestamptz"),
@@ -112,33 +113,25 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
     ("cache_read_tokens", "bigint"),
     ("cache_write_tokens", "bigint"),
     ("reasoning_tokens", "bigint"),
-    ("cost_usd", "text"),  # the float's shortest decimal form, cast to numeric: no binary noise
+    ("cost_usd", "numeric"),  # a JSON number in the float's shortest form: no binary noise
     ("ttft_ms", "double precision"),
-    ("extra", "text"),  # JSON text, cast to jsonb
+    ("extra", "jsonb"),
 )
-_CASTS = {"cost_usd": "::numeric", "extra": "::jsonb"}
 _NAMES = ", ".join(c for c, _ in _COLUMNS)
+# the group travels as one JSON array of row objects (orjson serialises the dataclasses
+# directly): one parameter to encode instead of an array per column
 _INSERT = (
     f"INSERT INTO llm_ledger (tenant_id, {_NAMES}) "  # noqa: S608 -- fixed column names
-    f"SELECT current_setting('app.tenant_id', true), "
-    + ", ".join(f"u.{c}{_CASTS.get(c, '')}" for c, _ in _COLUMNS)
-    + " FROM unnest("
-    + ", ".join(f"%s::{t}[]" for _, t in _COLUMNS)
-    + f") AS u({_NAMES}) ON CONFLICT (tenant_id, id) DO NOTHING"
+    f"SELECT current_setting('app.tenant_id', true), {_NAMES} "
+    "FROM json_to_recordset(%s::json) AS r("
+    + ", ".join(f"{c} {t}" for c, t in _COLUMNS)
+    + ") ON CONFLICT (tenant_id, id) DO NOTHING"
 )
 _SET_TENANT = "SELECT set_config('app.tenant_id', %s, true)"
 
 
-def _column_values(rows: Sequence[LedgerRow]) -> list[list[Any]]:
-    out: list[list[Any]] = []
-    for name, _ in _COLUMNS:
-        values = [getattr(r, name) for r in rows]
-        if name == "cost_usd":
-            values = [repr(float(v)) for v in values]
-        elif name == "extra":
-            values = [orjson.dumps(v).decode() for v in values]
-        out.append(values)
-    return out
+def _rows_json(rows: Sequence[LedgerRow]) -> str:
+    return orjson.dumps(rows).decode()
 
 
 def _by_tenant(rows: Iterable[LedgerRow]) -> list[tuple[str, list[LedgerRow]]]:
@@ -185,7 +178,7 @@ async def _write_batch(db: Database, rows: Sequence[LedgerRow]) -> int:
         async with conn.pipeline():
             for tenant, group in _by_tenant(rows):
                 await conn.execute(_SET_TENANT, (tenant,))
-                cursors.append(await conn.execute(_INSERT, _column_values(group)))
+                cursors.append(await conn.execute(_INSERT, (_rows_json(group),)))
         return sum(max(c.rowcount, 0) for c in cursors)
 
 
@@ -201,7 +194,7 @@ async def _write_one_by_one(
                 try:
                     async with conn.transaction():  # a savepoint per row
                         await conn.execute(_SET_TENANT, (r.tenant_id,))
-                        cur = await conn.execute(_INSERT, _column_values([r]))
+                        cur = await conn.execute(_INSERT, (_rows_json([r]),))
                         inserted += max(cur.rowcount, 0)
                 except (psycopg.IntegrityError, psycopg.DataError) as exc:
                     refused.append((r, f"{type(exc).__name__}: {exc}"))

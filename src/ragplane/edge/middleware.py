@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import secrets
 import time
 from collections.abc import Sequence
 
@@ -20,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ragplane.edge.context import RequestContext
 from ragplane.observe.logging import get_logger
-from ragplane.observe.tracecontext import TraceContext
+from ragplane.observe.tracecontext import TraceContext, random_hex
 
 __all__ = ["RequestContextMiddleware", "new_request_id"]
 
@@ -29,7 +28,7 @@ log = get_logger("ragplane.edge")
 
 
 def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
+    return "req_" + random_hex(24)
 
 
 class RequestContextMiddleware:

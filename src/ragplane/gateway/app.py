@@ -8,9 +8,10 @@ official SDKs raise their usual exception types. Every response carries
 ``x-request-id`` and ``x-ragplane-overhead-ms``: the time spent inside the gateway,
 that is the whole handling time minus the time spent waiting for the provider.
 
-The app is a bare ASGI callable over Starlette's request and response classes (no
-FastAPI, no routing table or middleware) and bodies are parsed with orjson: this is
-the hot path of every LLM call and its CPU budget is about a millisecond.
+The app is a bare ASGI callable: no FastAPI, no routing table or middleware, headers
+read once into a dict, JSON answers sent as two ASGI messages (Starlette only for the
+streamed answers) and bodies parsed with orjson: this is the hot path of every LLM
+call and its CPU budget is about a millisecond.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ragplane.edge.middleware import new_request_id
@@ -42,6 +42,47 @@ log = get_logger("ragplane.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _PASS_HEADERS = ("anthropic-version", "anthropic-beta")
 _JSON = "application/json"
+
+
+class Request:
+    """What a handler reads of a request: its headers (lower-case names, as ASGI servers
+    send them; the first of repeated ones) and its body."""
+
+    __slots__ = ("_receive", "headers")
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        raw: list[tuple[bytes, bytes]] = scope["headers"]
+        self.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(raw)}
+        self._receive = receive
+
+    async def body(self) -> bytes:
+        chunks = []
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise BadRequest("the caller disconnected before the body was read")
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+class Response:
+    """A whole (JSON) answer: a status, headers and a body, sent in two ASGI messages."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(
+        self, body: bytes, status: int = 200, headers: dict[str, str] | None = None
+    ) -> None:
+        self.body = body
+        self.status = status
+        self.headers = {"content-type": _JSON} | (headers or {})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        raw.append((b"content-length", str(len(self.body)).encode()))
+        await send({"type": "http.response.start", "status": self.status, "headers": raw})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class _Begun:
@@ -68,7 +109,7 @@ class GatewayApp:
         self.router = router
         self.auth = auth
         self.breaker = breaker
-        self._routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
+        self._routes: dict[tuple[str, str], Callable[[Request], Awaitable[_Answer]]] = {
             ("POST", "/v1/chat/completions"): self.chat_completions,
             ("POST", "/v1/messages"): self.messages,
             ("POST", "/v1/embeddings"): self.embeddings,
@@ -83,9 +124,8 @@ class GatewayApp:
             return
         path = _route_path(scope)
         handler = self._routes.get((scope["method"], path))
-        request = Request(scope, receive)
         if handler is not None:
-            response = await handler(request)
+            response = await handler(Request(scope, receive))
         else:
             api: Api = "anthropic" if path == "/v1/messages" else "openai"
             begun = _Begun(time.perf_counter(), new_request_id())
@@ -98,13 +138,13 @@ class GatewayApp:
 
     # -- handlers --------------------------------------------------------------------
 
-    async def chat_completions(self, request: Request) -> Response:
+    async def chat_completions(self, request: Request) -> _Answer:
         return await self._call(request, "openai", "chat")
 
-    async def messages(self, request: Request) -> Response:
+    async def messages(self, request: Request) -> _Answer:
         return await self._call(request, "anthropic", "chat")
 
-    async def embeddings(self, request: Request) -> Response:
+    async def embeddings(self, request: Request) -> _Answer:
         return await self._call(request, "openai", "embeddings")
 
     async def models(self, request: Request) -> Response:
@@ -144,7 +184,7 @@ class GatewayApp:
 
     async def health(self, request: Request) -> Response:
         """Liveness, unauthenticated: the process serves requests."""
-        return Response(b'{"status":"ok"}', media_type=_JSON)
+        return Response(b'{"status":"ok"}')
 
     async def route_health(self, request: Request) -> Response:
         begun = _Begun(time.perf_counter(), new_request_id())
@@ -202,7 +242,7 @@ class GatewayApp:
             begun.trace = TraceContext.continue_from(headers.get("traceparent"))
         return principal
 
-    async def _call(self, request: Request, api: Api, kind: str) -> Response:
+    async def _call(self, request: Request, api: Api, kind: str) -> _Answer:
         begun = _Begun(time.perf_counter(), new_request_id())
         try:
             principal = await self._authenticate(request, begun)
@@ -233,10 +273,8 @@ class GatewayApp:
                     | {"cache-control": "no-cache", "x-ragplane-route": result.route.name},
                 )
             done = await self.router.complete(call)
-            content = orjson.dumps(done.body)
             return Response(
-                content,
-                media_type=_JSON,
+                orjson.dumps(done.body),
                 headers=_ids(begun, _overhead(begun, done.upstream_ms))
                 | {"x-ragplane-route": done.route.name},
             )
@@ -293,6 +331,9 @@ class _SseResponse(StreamingResponse):
             await self._relay.aclose()
 
 
+_Answer = Response | _SseResponse
+
+
 def _overhead(begun: _Begun, upstream_ms: float) -> float:
     return max(0.0, (time.perf_counter() - begun.started) * 1000 - upstream_ms)
 
@@ -306,7 +347,7 @@ def _ids(begun: _Begun, overhead_ms: float | None = None) -> dict[str, str]:
 
 
 def _json(payload: dict[str, Any], begun: _Begun) -> Response:
-    return Response(orjson.dumps(payload), media_type=_JSON, headers=_ids(begun))
+    return Response(orjson.dumps(payload), headers=_ids(begun))
 
 
 def _error(api: Api, exc: Exception, begun: _Begun) -> Response:
@@ -315,6 +356,4 @@ def _error(api: Api, exc: Exception, begun: _Begun) -> Response:
     rendered = render_error(api, exc, begun.request_id)
     if rendered.status >= 500:
         log.warning("gateway_error", status=rendered.status, error=str(exc))
-    return Response(
-        rendered.body, status_code=rendered.status, headers=rendered.headers | _ids(begun)
-    )
+    return Response(rendered.body, rendered.status, rendered.headers | _ids(begun))

@@ -7,8 +7,10 @@
       └─ queue full     → append to the spill file  │  (counted in ``overflowed``;
                            (one write syscall)       │   an error log per burst: the alarm)
                                                      ▼
-    flusher task: every flush_interval_s, or as soon as a batch is full
-      queue → batches of batch_size → write_ledger_rows (one transaction each)
+    flusher task: asleep while there is nothing to write (no timer: an idle gateway
+      does not wake for it); flush_interval_s after the first row arrives, or as soon
+      as a batch is full: queue → batches of batch_size → write_ledger_rows (one
+      transaction each), so a row reaches the table within about flush_interval_s
       a batch the database does not take → appended to the spill file, retried with backoff
       spill files → replayed in batches; a file is removed only after all its rows committed
     stop(timeout_s): drain the queue and the spill files; whatever the database does not
@@ -163,10 +165,12 @@ class LedgerSink:
             return
         if len(self._queue) < self._settings.queue_size:
             self._queue.append((entry, time.time()))
-            if len(self._queue) >= self._settings.batch_size:
+            n = len(self._queue)
+            if n == 1 or n >= self._settings.batch_size:  # the flusher's two wake-ups
                 self._wake.set()
             return
         self.overflowed += 1
+        self._wake.set()
         if self._burst == 0:
             log.error(
                 "ledger_queue_full",
@@ -239,8 +243,11 @@ class LedgerSink:
     async def _run(self) -> None:
         failures = 0
         while True:
+            if not (self._stopping.is_set() or self._queue or self._pending_files()):
+                await self._wake.wait()  # idle until the first row (or stop)
             if not self._stopping.is_set() and len(self._queue) < self._settings.batch_size:
-                with contextlib.suppress(TimeoutError):
+                self._wake.clear()  # only a full batch or stop cuts the wait short
+                with contextlib.suppress(TimeoutError):  # let the batch fill
                     await asyncio.wait_for(self._wake.wait(), self._settings.flush_interval_s)
             self._wake.clear()
             try:

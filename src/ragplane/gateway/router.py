@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
 
 from ragplane.config import GatewaySettings
@@ -138,7 +138,8 @@ def _traced(request: UpstreamRequest, call: Call) -> UpstreamRequest:
     """The caller's trace continues at the provider (W3C traceparent)."""
     if call.traceparent is None:
         return request
-    return replace(request, headers={**request.headers, "traceparent": call.traceparent})
+    headers = {**request.headers, "traceparent": call.traceparent}
+    return UpstreamRequest(request.method, request.url, headers, request.body, request.stream)
 
 
 def _status_error(route: Route, response: UpstreamResponse, data: bytes) -> UpstreamError:
