@@ -43,6 +43,7 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from ragplane.config import GatewaySettings
 from ragplane.errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnavailable
@@ -254,6 +255,9 @@ class HttpTransport:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self._open = 0
+        # parsed once: a provider's few URLs, and the per-call timeout (by connect_s)
+        self._urls: dict[str, URL] = {}
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -279,13 +283,19 @@ class HttpTransport:
     ) -> HttpResponse:
         session = self._get_session()
         deadline = asyncio.get_running_loop().time() + connect_s + ttft_s
-        timeout = aiohttp.ClientTimeout(total=None, connect=connect_s, sock_connect=connect_s)
+        timeout = self._timeouts.get(connect_s)
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(total=None, connect=connect_s, sock_connect=connect_s)
+            self._timeouts[connect_s] = timeout
+        url = self._urls.get(request.url)
+        if url is None:
+            url = self._urls[request.url] = URL(request.url)
         resp: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout_at(deadline):
                 resp = await session.request(
                     request.method,
-                    request.url,
+                    url,
                     headers=request.headers,
                     data=request.body,
                     timeout=timeout,
