@@ -44,6 +44,13 @@ log = get_logger(__name__)
 
 
 class SlotContext(Protocol):
+    """One slot: ``take`` it (raises ``BulkheadFull``), ``give`` it back (once; again is
+    a no-op); ``async with`` does both."""
+
+    async def take(self) -> None: ...
+
+    async def give(self) -> None: ...
+
     async def __aenter__(self) -> None: ...
 
     async def __aexit__(
@@ -83,14 +90,19 @@ def _full(settings: BulkheadSettings, scope: str, tenant_id: str, route: str, po
     )
 
 
-class _MemorySlot:
-    __slots__ = ("_bulkhead", "_pool", "_route", "_tenant")
+class _Slot:
+    """``async with`` over ``take``/``give``."""
 
-    def __init__(self, bulkhead: MemoryBulkhead, tenant_id: str, route: str, pool: Pool) -> None:
-        self._bulkhead, self._tenant, self._route, self._pool = bulkhead, tenant_id, route, pool
+    __slots__ = ()
+
+    async def take(self) -> None:
+        raise NotImplementedError
+
+    async def give(self) -> None:
+        raise NotImplementedError
 
     async def __aenter__(self) -> None:
-        self._bulkhead._take(self._tenant, self._route, self._pool)
+        await self.take()
 
     async def __aexit__(
         self,
@@ -98,7 +110,24 @@ class _MemorySlot:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._bulkhead._give(self._tenant, self._route, self._pool)
+        await self.give()
+
+
+class _MemorySlot(_Slot):
+    __slots__ = ("_bulkhead", "_held", "_pool", "_route", "_tenant")
+
+    def __init__(self, bulkhead: MemoryBulkhead, tenant_id: str, route: str, pool: Pool) -> None:
+        self._bulkhead, self._tenant, self._route, self._pool = bulkhead, tenant_id, route, pool
+        self._held = False
+
+    async def take(self) -> None:
+        self._bulkhead._take(self._tenant, self._route, self._pool)
+        self._held = True
+
+    async def give(self) -> None:
+        if self._held:
+            self._held = False
+            self._bulkhead._give(self._tenant, self._route, self._pool)
 
 
 class MemoryBulkhead:
@@ -166,7 +195,7 @@ return {redis.call('ZCOUNT', KEYS[1], now + 1, '+inf'),
 """
 
 
-class _RedisSlot:
+class _RedisSlot(_Slot):
     __slots__ = ("_bulkhead", "_held", "_keys", "_lease", "_pool", "_route", "_tenant")
 
     def __init__(self, bulkhead: RedisBulkhead, tenant_id: str, route: str, pool: Pool) -> None:
@@ -175,18 +204,14 @@ class _RedisSlot:
         self._lease = os.urandom(9).hex()
         self._held = False
 
-    async def __aenter__(self) -> None:
+    async def take(self) -> None:
         self._held = await self._bulkhead._take(
             self._keys, self._lease, self._tenant, self._route, self._pool
         )
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def give(self) -> None:
         if self._held:
+            self._held = False
             await self._bulkhead._give(self._keys, self._lease)
 
 

@@ -17,7 +17,6 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
 
@@ -33,7 +32,7 @@ from ragplane.errors import (
 )
 from ragplane.gateway.apierrors import upstream_error
 from ragplane.gateway.breaker import counts_against_route
-from ragplane.gateway.bulkhead import Bulkhead
+from ragplane.gateway.bulkhead import Bulkhead, SlotContext
 from ragplane.gateway.ledger import LedgerSink
 from ragplane.gateway.pricing import cost_usd
 from ragplane.gateway.providers import adapter_for, caller_wants_usage, embeddings_adapter
@@ -306,7 +305,7 @@ class Router:
         except GatewayError as exc:
             self._account(call, tally, None, None, exc, ttft_ms=None)
             raise
-        await slot.aclose()
+        await slot.give()
         self._account(call, tally, result.route, result.usage, None, ttft_ms=None)
         return result
 
@@ -364,7 +363,7 @@ class Router:
                     )
                     self._note(route, state)
             finally:
-                await slot.aclose()  # the stream held its bulkhead slot until now
+                await slot.give()  # the stream held its bulkhead slot until now
                 self._account(
                     call, tally, route, usage, error, ttft_ms=started.ttft_ms, status=status
                 )
@@ -393,9 +392,9 @@ class Router:
         call: Call,
         tally: _Tally,
         attempt: Callable[[Route], Awaitable[T]],
-    ) -> tuple[T, AsyncExitStack]:
+    ) -> tuple[T, SlotContext]:
         """The first successful attempt's result, and the bulkhead slot it still holds
-        (``aclose`` it when the call is over: a stream holds it until its end)."""
+        (``give`` it back when the call is over: a stream holds it until its end)."""
         plan = self.plan(call.alias, call.region)
         budget = RetryBudget(self.settings.aliases[call.alias].retry, rng=self._rng)
         for route in plan:
@@ -403,13 +402,16 @@ class Router:
                 continue
             budget.begin_route()
             # the slot is held across this route's retries; BulkheadFull goes to the caller
-            async with AsyncExitStack() as slot:
-                await slot.enter_async_context(
-                    self._bulkhead.slot(call.tenant_id, route.name, call.pool)
-                )
+            slot = self._bulkhead.slot(call.tenant_id, route.name, call.pool)
+            await slot.take()
+            try:
                 result = await self._on_route(call, route, tally, budget, attempt)
-                if result is not _FAIL_OVER:
-                    return cast("T", result), slot.pop_all()
+            except BaseException:
+                await slot.give()
+                raise
+            if result is not _FAIL_OVER:
+                return cast("T", result), slot
+            await slot.give()
         if tally.last_error is not None:
             raise tally.last_error
         raise NoHealthyRoute(
