@@ -209,6 +209,27 @@ async def test_a_full_batch_is_written_without_waiting_for_the_interval(
     assert sink.written == 11
 
 
+async def test_a_row_is_written_flush_interval_after_it_arrived_and_not_before(
+    clean_db: PgCluster, app_db: Database, tmp_path: Path
+):
+    """The flusher sleeps while nothing is queued (no timer) and gives the first row
+    flush_interval_s to gather a batch; an idle sink writes nothing."""
+    interval = 0.3
+    sink = LedgerSink(app_db, settings(flush_interval_s=interval), tmp_path)
+    await sink.start()
+    await anyio.sleep(2 * interval)  # idle: nothing to write, no transaction
+    assert sink.write_transactions == 0
+    loop_time = anyio.current_time
+    submitted = loop_time()
+    sink.submit(entry(1))
+    await anyio.sleep(interval / 2)
+    sink.submit(entry(2))  # joins the batch the first row opened
+    await until(lambda: sink.written == 2)
+    assert loop_time() - submitted >= interval * 0.9
+    assert sink.write_transactions == 1
+    await sink.stop()
+
+
 async def test_a_tenant_sees_only_its_own_rows_and_cannot_change_them(
     clean_db: PgCluster, app_db: Database, tmp_path: Path
 ):

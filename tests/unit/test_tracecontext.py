@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from ragplane.observe.tracecontext import TraceContext
+from ragplane.observe.tracecontext import TraceContext, random_hex
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN = "00f067aa0ba902b7"
@@ -115,3 +115,26 @@ def test_minted_header_round_trips() -> None:
     assert again is not None
     assert again.trace_id == ctx.trace_id
     assert again.parent_span_id == ctx.span_id
+
+
+def test_random_hex_is_lowercase_hex_of_the_asked_length_and_unique() -> None:
+    values = {random_hex(32) for _ in range(1000)}
+    assert len(values) == 1000
+    assert all(re.fullmatch(r"[0-9a-f]{32}", v) for v in values)
+    assert re.fullmatch(r"[0-9a-f]{24}", random_hex(24))
+
+
+def test_a_forked_child_draws_other_ids_than_its_parent() -> None:
+    import os
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report one id and leave at once
+        os.write(write, random_hex(32).encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert re.fullmatch(r"[0-9a-f]{32}", child)
+    assert child != random_hex(32)
