@@ -17,6 +17,7 @@ from ragplane.gateway.types import Route, Usage
 
 __all__ = [
     "ANTHROPIC_VERSION",
+    "StreamState",
     "anthropic_headers",
     "anthropic_url",
     "dumps",
@@ -30,6 +31,25 @@ __all__ = [
 ANTHROPIC_VERSION = "2023-06-01"
 
 dumps = orjson.dumps
+
+
+class StreamState:
+    """What every stream translator reports to the relay: the usage seen so far and
+    whether the provider's stream has ended (set by the subclass as events arrive)."""
+
+    __slots__ = ("_finished", "_usage")
+
+    def __init__(self) -> None:
+        self._usage: Usage | None = None
+        self._finished = False
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._usage
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
 
 
 def loads_object(raw: bytes | str, route: Route, what: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 
 from ragplane.gateway.apierrors import stream_error_frame, stream_upstream_error
 from ragplane.gateway.providers._common import (
+    StreamState,
     anthropic_headers,
     anthropic_url,
     dumps,
@@ -112,23 +113,14 @@ class AnthropicToAnthropic:
         return AnthropicToAnthropicStream(route)
 
 
-class AnthropicToAnthropicStream:
+class AnthropicToAnthropicStream(StreamState):
     """Forwards events as they came; reads usage (Anthropic streams always carry it)."""
 
-    __slots__ = ("_finished", "_route", "_usage")
+    __slots__ = ("_route",)
 
     def __init__(self, route: Route) -> None:
+        super().__init__()
         self._route = route
-        self._usage: Usage | None = None
-        self._finished = False
-
-    @property
-    def usage(self) -> Usage | None:
-        return self._usage
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
 
     def feed(self, event: SseEvent) -> list[bytes]:
         # every event is parsed (a few µs): a malformed one must end the caller's stream

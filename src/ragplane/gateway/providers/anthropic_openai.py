@@ -32,6 +32,7 @@ from ragplane.errors import BadRequest, UpstreamProtocolError
 from ragplane.gateway.apierrors import stream_upstream_error
 from ragplane.gateway.providers._anthropic_stream import AnthropicEventWriter
 from ragplane.gateway.providers._common import (
+    StreamState,
     dumps,
     loads_object,
     openai_headers,
@@ -282,24 +283,15 @@ class AnthropicToOpenAI:
         return AnthropicToOpenAIStream(route)
 
 
-class AnthropicToOpenAIStream:
+class AnthropicToOpenAIStream(StreamState):
     """OpenAI chunks → the Anthropic event sequence (usage is always part of it)."""
 
     def __init__(self, route: Route) -> None:
+        super().__init__()
         self._route = route
         self._out = AnthropicEventWriter(route.model.upstream)
-        self._usage: Usage | None = None
         self._stop = "end_turn"
         self._tool_blocks: dict[int, int] = {}  # OpenAI tool call index → block index
-        self._finished = False
-
-    @property
-    def usage(self) -> Usage | None:
-        return self._usage
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
 
     def feed(self, event: SseEvent) -> list[bytes]:
         out = self._out

@@ -28,6 +28,7 @@ import orjson
 from ragplane.errors import BadRequest
 from ragplane.gateway.apierrors import stream_upstream_error
 from ragplane.gateway.providers._common import (
+    StreamState,
     anthropic_headers,
     anthropic_url,
     dumps,
@@ -326,25 +327,16 @@ class OpenAIToAnthropic:
         return OpenAIToAnthropicStream(route, include_usage=include_usage)
 
 
-class OpenAIToAnthropicStream:
+class OpenAIToAnthropicStream(StreamState):
     """Anthropic stream events → OpenAI ``chat.completion.chunk`` frames."""
 
     def __init__(self, route: Route, *, include_usage: bool) -> None:
+        super().__init__()
         self._route = route
         self._include_usage = include_usage
         self._out = OpenAIChunkWriter(route.model.upstream)
-        self._usage: Usage | None = None
         self._tool_index: dict[int, int] = {}  # Anthropic block index → OpenAI tool index
         self._finish: str | None = None
-        self._finished = False
-
-    @property
-    def usage(self) -> Usage | None:
-        return self._usage
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
 
     def feed(self, event: SseEvent) -> list[bytes]:
         name = event.event

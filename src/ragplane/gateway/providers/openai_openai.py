@@ -23,6 +23,7 @@ from typing import Any
 
 from ragplane.gateway.apierrors import stream_error_frame, stream_upstream_error
 from ragplane.gateway.providers._common import (
+    StreamState,
     dumps,
     loads_object,
     openai_headers,
@@ -82,24 +83,15 @@ class OpenAIToOpenAI:
         return OpenAIToOpenAIStream(route, include_usage=include_usage)
 
 
-class OpenAIToOpenAIStream:
+class OpenAIToOpenAIStream(StreamState):
     """Forwards chunks as they came; reads usage; drops the usage chunk if unwanted."""
 
-    __slots__ = ("_finished", "_include_usage", "_route", "_usage")
+    __slots__ = ("_include_usage", "_route")
 
     def __init__(self, route: Route, *, include_usage: bool) -> None:
+        super().__init__()
         self._route = route
         self._include_usage = include_usage
-        self._usage: Usage | None = None
-        self._finished = False
-
-    @property
-    def usage(self) -> Usage | None:
-        return self._usage
-
-    @property
-    def finished(self) -> bool:
-        return self._finished
 
     def feed(self, event: SseEvent) -> list[bytes]:
         data = event.data
