@@ -16,9 +16,10 @@ from ragplane.data import Database
 from ragplane.evals.bench_retrieval import load_beir
 from ragplane.evals.metrics import ndcg_at_k
 from ragplane.knowledge.embedder import LocalEmbedder
+from ragplane.knowledge.fusion import SearchMode
 from ragplane.knowledge.ingest import Ingestor
 from ragplane.knowledge.parsers import parse
-from ragplane.knowledge.search import Retriever, SearchMode
+from ragplane.knowledge.search import Retriever
 from tests.conftest import PgCluster
 
 # tests/fixtures/pyfaq-slice: the first 40 pyfaq queries, their relevant sections and 80

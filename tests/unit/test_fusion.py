@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ragplane.knowledge.search import FusionConfig, SearchMode, rank_candidates, rank_documents
+from ragplane.knowledge.fusion import FusionConfig, SearchMode, rank_candidates, rank_documents
 
 # --- the definition, written plainly (the code that shipped before fusion used numpy) ---
 

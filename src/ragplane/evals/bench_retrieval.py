@@ -45,9 +45,10 @@ from ragplane.control.namespaces import NamespaceConfig, upsert_namespace
 from ragplane.data import Database, DatabaseUrls
 from ragplane.evals.metrics import ndcg_at_k, recall_at_k
 from ragplane.knowledge.embedder import LocalEmbedder, measure_throughput
+from ragplane.knowledge.fusion import FusionConfig, SearchMode, rank_candidates
 from ragplane.knowledge.ingest import Ingestor, IngestProgress
 from ragplane.knowledge.parsers import parse
-from ragplane.knowledge.search import FusionConfig, Retriever, SearchMode, rank_candidates
+from ragplane.knowledge.search import Retriever
 
 __all__ = ["BeirDataset", "RetrievalBenchResult", "load_beir", "run_retrieval_bench"]
 
