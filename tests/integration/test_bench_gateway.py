@@ -31,6 +31,7 @@ def test_tiny_gateway_bench(clean_db: PgCluster, tmp_path: Path) -> None:
         warmup_s=0,
         requests=10,
         ttft_s=0.3,
+        settle_s=0.2,
         targets=("direct", "floor", "ragplane", "litellm"),
         litellm=None,
         litellm_skip_reason="--skip-litellm",

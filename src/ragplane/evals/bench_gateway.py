@@ -14,10 +14,14 @@ one ``ragplane mock-provider`` process with a fixed latency (50 ms), all on loop
 Load comes from ``wrk`` (one thread, keep-alive connections, a Lua script that POSTs
 the body and prints its figures as JSON, :mod:`ragplane.evals.wrk`). Per target and
 concurrency: requests/s, latency p50/p99 (and "added": minus ``direct`` at the same
-concurrency), CPU seconds of the target's process tree during the run per request,
-and RSS. Time to first token of streams is measured by an aiohttp client (time from
-sending the request to the first ``data:`` line, as many concurrent streams as the
-concurrency). RSS growth: the tree's RSS after the measured runs (the warm-up) against
+concurrency), CPU seconds of the target's process tree per request, and RSS. The CPU
+of a run is counted from a settled start to a settled end: each run begins
+``settle_s`` after the previous load (so work it deferred — a ragplane ledger flush of
+the warm-up's rows — is not billed to this run) and its CPU snapshot is taken
+``settle_s`` after wrk stopped (so the work this run deferred is). Time to first token
+of streams is measured by an aiohttp client (time from sending the request to the
+first ``data:`` line, as many concurrent streams as the concurrency).
+RSS growth: the tree's RSS after the measured runs (the warm-up) against
 after ``requests`` more at the highest concurrency (the soak).
 
 The processes are started by :mod:`ragplane.evals.gateway_launch`, measured through
@@ -71,6 +75,7 @@ class GatewayBenchOptions:
     litellm: Path | None = None  # the litellm executable of its own venv
     litellm_skip_reason: str = "not requested"
     litellm_workers: int = 2
+    settle_s: float = 3.0  # quiet time around each measured run (longer than a ledger flush)
 
 
 @dataclass
@@ -117,10 +122,12 @@ def _measure(
         run_wrk(url, headers, _body(False), script, concurrency=top, duration_s=opts.warmup_s)
     for c in opts.concurrencies:
         target.check_alive()
+        time.sleep(opts.settle_s)  # what the previous load deferred is done by now
         before = target.cpu()
         m.runs[c] = run_wrk(
             url, headers, _body(False), script, concurrency=c, duration_s=opts.duration_s
         )
+        time.sleep(opts.settle_s)  # ... and what this run deferred
         m.cpu_s[c] = cpu_between(before, target.cpu())
         m.rss_mb[c] = target.rss_mb()
         r = m.runs[c]
