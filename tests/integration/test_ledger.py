@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import psycopg
 import pytest
 import structlog.testing
@@ -25,6 +26,7 @@ import structlog.testing
 from ragplane.config import LedgerSettings
 from ragplane.data import Database
 from ragplane.data.ledger_store import CostLine, tenant_costs, write_ledger_rows
+from ragplane.gateway import ledger as ledger_module
 from ragplane.gateway.ledger import LedgerSink, ledger_row
 from ragplane.gateway.types import LedgerEntry, Usage
 from tests.conftest import PgCluster
@@ -190,6 +192,40 @@ async def test_rows_are_written_in_batches(clean_db: PgCluster, app_db: Database
     assert len({r["id"] for r in rows}) == n
     assert 0 < sink.write_transactions <= math.ceil(n / batch)
     assert sink.failed_writes == sink.overflowed == 0
+
+
+async def test_a_large_batch_is_made_in_slices_that_let_other_tasks_run(
+    clean_db: PgCluster, app_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Making 500 rows takes milliseconds: the flusher yields between slices so the
+    responses the event loop is serving are not held up behind a whole batch."""
+    order: list[str] = []
+
+    def recorded_row(e: LedgerEntry, at: float | None = None) -> Any:
+        order.append("row")
+        return ledger_row(e, at)
+
+    monkeypatch.setattr("ragplane.gateway.ledger.ledger_row", recorded_row)
+    n = 3 * ledger_module.ROWS_PER_SLICE
+    sink = LedgerSink(app_db, settings(batch_size=n), tmp_path)
+    await sink.start()
+
+    async def ticker() -> None:
+        while True:
+            order.append("tick")
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        for i in range(n):
+            sink.submit(entry(i))
+        await until(lambda: sink.written == n)
+        tg.cancel_scope.cancel()
+    await sink.stop()
+    rows = "".join("r" if x == "row" else "t" for x in order).strip("t")
+    slices = [s for s in rows.split("t") if s]
+    assert [len(s) for s in slices] == [ledger_module.ROWS_PER_SLICE] * 3
+    assert sink.write_transactions == 1
 
 
 async def test_a_full_batch_is_written_without_waiting_for_the_interval(

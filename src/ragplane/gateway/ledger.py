@@ -10,7 +10,9 @@
     flusher task: asleep while there is nothing to write (no timer: an idle gateway
       does not wake for it); flush_interval_s after the first row arrives, or as soon
       as a batch is full: queue → batches of batch_size → write_ledger_rows (one
-      transaction each), so a row reaches the table within about flush_interval_s
+      transaction each), so a row reaches the table within about flush_interval_s;
+      a batch's rows are made a slice at a time (ROWS_PER_SLICE), yielding to the event
+      loop in between, so a full batch never holds the responses up for milliseconds
       a batch the database does not take → appended to the spill file, retried with backoff
       spill files → replayed in batches; a file is removed only after all its rows committed
     stop(timeout_s): drain the queue and the spill files; whatever the database does not
@@ -53,6 +55,7 @@ __all__ = ["LedgerSink", "ledger_row"]
 log = get_logger("ragplane.gateway.ledger")
 
 _REJECTED = "rejected.jsonl"
+ROWS_PER_SLICE = 100  # ledger rows made between two yields to the event loop (~0.5 ms)
 
 
 def ledger_row(entry: LedgerEntry, at: float | None = None) -> LedgerRow:
@@ -277,9 +280,13 @@ class LedgerSink:
         """Write the queue in batches; False after a batch the database did not take."""
         while self._queue:
             n = min(len(self._queue), self._settings.batch_size)
-            self._in_flight = [ledger_row(*self._queue.popleft()) for _ in range(n)]
-            ok = await self._write(self._in_flight)
-            batch, self._in_flight = self._in_flight, []
+            batch = self._in_flight = []  # rows taken from the queue are in flight at once
+            for i in range(n):
+                if i and i % ROWS_PER_SLICE == 0:
+                    await asyncio.sleep(0)
+                batch.append(ledger_row(*self._queue.popleft()))
+            ok = await self._write(batch)
+            self._in_flight = []
             if not ok:
                 self._spill_rows(batch)
                 return False
