@@ -240,6 +240,31 @@ async def test_idle_timeout_between_chunks(upstream: Upstream, transport: HttpTr
     assert transport.pool_stats().open_responses == 0
 
 
+async def test_total_timeout_bounds_a_body_that_keeps_trickling(
+    upstream: Upstream, transport: HttpTransport
+) -> None:
+    """Every gap is within idle_s, but the whole body takes 0.8 s: total_s cuts it."""
+    response = await transport.send(
+        get(upstream.base + "/trickle"), connect_s=1, ttft_s=2, total_s=0.35
+    )
+    with pytest.raises(UpstreamTimeout) as caught:
+        await response.read(idle_s=0.5)
+    assert caught.value.phase == "total"
+    assert transport.pool_stats().in_use == 0
+    assert transport.pool_stats().open_responses == 0
+
+
+async def test_total_timeout_shorter_than_ttft_while_waiting_for_headers(
+    upstream: Upstream, transport: HttpTransport
+) -> None:
+    with pytest.raises(UpstreamTimeout) as caught:
+        await transport.send(
+            get(upstream.base + "/slow-headers"), connect_s=1, ttft_s=5, total_s=0.2
+        )
+    assert caught.value.phase == "total"
+    assert transport.pool_stats().in_use == 0
+
+
 async def test_a_steady_stream_longer_than_idle_s_is_fine(
     upstream: Upstream, transport: HttpTransport
 ) -> None:

@@ -13,7 +13,6 @@ it, a failure ends the caller's stream with an explicit error event.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -28,7 +27,6 @@ from ragplane.errors import (
     UnknownAlias,
     UpstreamError,
     UpstreamProtocolError,
-    UpstreamTimeout,
 )
 from ragplane.gateway.apierrors import upstream_error
 from ragplane.gateway.breaker import counts_against_route
@@ -277,16 +275,16 @@ class Router:
             timeouts = route.policy.timeouts
             sent = time.perf_counter()
             try:
-                async with asyncio.timeout(timeouts.total_s):
-                    response = await self._send(route, request, timeouts.connect_s, timeouts.ttft_s)
-                    try:
-                        data = await response.read()
-                    finally:
-                        await response.aclose()
-            except TimeoutError as exc:
-                raise UpstreamTimeout(
-                    f"no complete answer within {timeouts.total_s:g} s", phase="total"
-                ) from exc
+                response = await self._transports[route.provider_name].send(
+                    request,
+                    connect_s=timeouts.connect_s,
+                    ttft_s=timeouts.ttft_s,
+                    total_s=timeouts.total_s,
+                )
+                try:
+                    data = await response.read()
+                finally:
+                    await response.aclose()
             finally:
                 tally.upstream_s += time.perf_counter() - sent
             if response.status >= 400:
@@ -319,7 +317,10 @@ class Router:
             request = _traced(adapter.build_request(call.body, route, headers=call.headers), call)
             timeouts = route.policy.timeouts
             sent = time.perf_counter()
-            response = await self._send(route, request, timeouts.connect_s, timeouts.ttft_s)
+            # the relay bounds the stream's total time (also while the caller reads slowly)
+            response = await self._transports[route.provider_name].send(
+                request, connect_s=timeouts.connect_s, ttft_s=timeouts.ttft_s
+            )
             try:
                 await _raise_for_status(route, response)
                 translator = adapter.stream_translator(route, include_usage=include_usage)
@@ -380,12 +381,6 @@ class Router:
             on_end=on_end,
         )
         return StreamResult(route=route, frames=relay, upstream_ms=tally.upstream_s * 1000)
-
-    async def _send(
-        self, route: Route, request: Any, connect_s: float, ttft_s: float
-    ) -> UpstreamResponse:
-        transport = self._transports[route.provider_name]
-        return await transport.send(request, connect_s=connect_s, ttft_s=ttft_s)
 
     async def _run(
         self,

@@ -13,7 +13,8 @@ Timeouts and the errors they raise (``ragplane.errors``)::
              so the time left after connecting is never less than ttft_s)
                                                              UpstreamTimeout(phase="ttft")
     idle     a gap between body chunks longer than idle_s    UpstreamTimeout(phase="idle")
-    total    not here: the router bounds the whole call       (phase="total")
+    total    headers and body must be done within total_s of send() (when given; a
+             stream's relay bounds its own total instead)   UpstreamTimeout(phase="total")
 
     refused / reset / DNS / disconnected                    UpstreamUnavailable
     body truncated or its framing malformed                 UpstreamProtocolError
@@ -78,15 +79,81 @@ class PoolStats:
 
 
 def _timeout(url: str, phase: str) -> UpstreamTimeout:
+    if phase == "total":
+        return UpstreamTimeout(f"{url}: no complete answer within the total timeout", phase=phase)
     what = "the first byte" if phase == "ttft" else "the next chunk"
     return UpstreamTimeout(f"{url}: no {what} within the {phase} timeout", phase=phase)
+
+
+class _Watch:
+    """The deadlines of one upstream exchange, kept by one lazily re-armed timer.
+
+    Each wait (for the headers, for a body chunk) moves a deadline — never past the
+    exchange's end — and names the waiting task; moving a float is all a chunk costs. The
+    timer wakes at the (possibly stale) deadline and either re-arms or cancels the
+    waiting task; one that fires while nobody waits is ignored (a slow consumer is not
+    an idle upstream). Cheaper than an ``asyncio.timeout`` per wait: one ``call_at`` per
+    exchange in the common case (docs/benchmarks.md, "Gateway").
+    """
+
+    __slots__ = ("_deadline", "_end", "_expired", "_loop", "_task", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, end: float) -> None:
+        self._loop = loop
+        self._end = end  # loop time by which the whole exchange is done (inf: no bound)
+        self._deadline = math.inf
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._expired = False
+
+    def begin(self, deadline: float) -> asyncio.Task[Any] | None:
+        """A wait that must be over by ``deadline`` starts in the current task."""
+        deadline = min(deadline, self._end)
+        self._deadline = deadline
+        if deadline != math.inf and (self._timer is None or self._timer.when() > deadline):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+        self._expired = False
+        task = self._task = asyncio.current_task()
+        return task
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    def done(self) -> None:
+        self._task = None
+
+    def timed_out(self, task: asyncio.Task[Any] | None) -> bool:
+        """After the wait was cancelled: True if this timer did it (the cancellation is
+        then taken back: the caller raises a timeout instead)."""
+        return self._expired and task is not None and task.uncancel() == 0
+
+    def phase(self, wait_phase: str) -> str:
+        """The phase a timeout of the current wait belongs to."""
+        return "total" if self._deadline >= self._end else wait_phase
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._task is None:
+            return
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            return
+        self._expired = True
+        self._task.cancel()
 
 
 def _translate(exc: BaseException, url: str, phase: str) -> Exception | None:
     """Our error for an aiohttp/OS failure; ``None`` if it is not one (e.g. cancellation)."""
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return UpstreamTimeout(f"connecting to {url} timed out", phase="connect")
-    if isinstance(exc, TimeoutError):  # our own deadline (asyncio.timeout_at)
+    if isinstance(exc, TimeoutError):  # aiohttp's own read timeout, if one is ever set
         return _timeout(url, phase)
     if isinstance(exc, aiohttp.ClientPayloadError):
         return UpstreamProtocolError(f"{url}: response body incomplete or malformed: {exc}")
@@ -98,44 +165,35 @@ def _translate(exc: BaseException, url: str, phase: str) -> Exception | None:
 
 
 class HttpResponse:
-    """An upstream answer whose headers arrived; the body is read at most once.
-
-    Read deadlines are kept by one lazily re-armed timer per response instead of an
-    ``asyncio.timeout`` per chunk: a chunk only moves a float, the timer wakes at the
-    (possibly stale) deadline and either re-arms or cancels the reading task (a timeout
-    that fires while the caller is not reading is ignored: a slow consumer is not an idle
-    upstream).
-    """
+    """An upstream answer whose headers arrived; the body is read at most once. Its
+    read deadlines (ttft for the first bytes, idle after, total throughout) are kept by
+    the exchange's :class:`_Watch`."""
 
     __slots__ = (
-        "_deadline",
         "_done",
-        "_expired",
         "_first_deadline",
         "_got_first",
-        "_loop",
         "_owner",
-        "_reader",
         "_resp",
-        "_timer",
+        "_watch",
         "headers",
         "status",
     )
 
     def __init__(
-        self, resp: aiohttp.ClientResponse, first_deadline: float, owner: HttpTransport
+        self,
+        resp: aiohttp.ClientResponse,
+        first_deadline: float,
+        watch: _Watch,
+        owner: HttpTransport,
     ) -> None:
         self.status = resp.status
         self.headers: Mapping[str, str] = {k.lower(): v for k, v in resp.headers.items()}
         self._resp = resp
-        self._loop = asyncio.get_running_loop()
         self._first_deadline = first_deadline
+        self._watch = watch
         self._got_first = False
         self._done = False
-        self._deadline = math.inf
-        self._timer: asyncio.TimerHandle | None = None
-        self._reader: asyncio.Task[Any] | None = None
-        self._expired = False
         self._owner = owner
         owner._open += 1
 
@@ -144,55 +202,36 @@ class HttpResponse:
             return
         self._done = True
         self._owner._open -= 1
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._watch.close()
         if abort:
             self._resp.close()  # drop the connection: it is mid-body
         else:
             self._resp.release()  # back to the pool if the body was read to the end
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._reader is None:  # not reading now: the next read sets a new deadline
-            return
-        if self._loop.time() < self._deadline:
-            self._timer = self._loop.call_at(self._deadline, self._on_timer)
-            return
-        self._expired = True
-        self._reader.cancel()
 
     async def next_chunk(self, idle_s: float | None = None) -> bytes:
         """The next body bytes as they arrive; ``b""`` at the end (the connection is then
         released)."""
         if self._done:
             return b""
+        watch = self._watch
         if not self._got_first:
-            self._deadline = self._first_deadline
+            task = watch.begin(self._first_deadline)
             phase = "ttft"
         else:
-            self._deadline = math.inf if idle_s is None else self._loop.time() + idle_s
+            task = watch.begin(math.inf if idle_s is None else watch.now() + idle_s)
             phase = "idle"
-        if self._deadline != math.inf and (
-            self._timer is None or self._timer.when() > self._deadline
-        ):
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self._loop.call_at(self._deadline, self._on_timer)
-        task = self._reader = asyncio.current_task()
-        self._expired = False
         try:
             chunk = await self._resp.content.readany()
         except BaseException as exc:
             self._finish(abort=True)
-            if self._expired and task is not None and task.uncancel() == 0:
-                raise _timeout(str(self._resp.url), phase) from exc
+            if watch.timed_out(task):
+                raise _timeout(str(self._resp.url), watch.phase(phase)) from exc
             error = _translate(exc, str(self._resp.url), phase)
             if error is None:
                 raise
             raise error from exc
         finally:
-            self._reader = None
+            watch.done()
         if chunk:
             self._got_first = True
         else:
@@ -279,10 +318,18 @@ class HttpTransport:
         return self._session
 
     async def send(
-        self, request: UpstreamRequest, *, connect_s: float, ttft_s: float
+        self,
+        request: UpstreamRequest,
+        *,
+        connect_s: float,
+        ttft_s: float,
+        total_s: float | None = None,
     ) -> HttpResponse:
         session = self._get_session()
-        deadline = asyncio.get_running_loop().time() + connect_s + ttft_s
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        watch = _Watch(loop, math.inf if total_s is None else now + total_s)
+        first_deadline = now + connect_s + ttft_s
         timeout = self._timeouts.get(connect_s)
         if timeout is None:
             timeout = aiohttp.ClientTimeout(total=None, connect=connect_s, sock_connect=connect_s)
@@ -291,21 +338,27 @@ class HttpTransport:
         if url is None:
             url = self._urls[request.url] = URL(request.url)
         resp: aiohttp.ClientResponse | None = None
+        task = watch.begin(first_deadline)
         try:
-            async with asyncio.timeout_at(deadline):
-                resp = await session.request(
-                    request.method,
-                    url,
-                    headers=request.headers,
-                    data=request.body,
-                    timeout=timeout,
-                    allow_redirects=False,
-                )
-            return HttpResponse(resp, deadline, self)
+            resp = await session.request(
+                request.method,
+                url,
+                headers=request.headers,
+                data=request.body,
+                timeout=timeout,
+                allow_redirects=False,
+            )
+            watch.done()
+            return HttpResponse(resp, first_deadline, watch, self)
         except BaseException as exc:
+            watch.done()
+            watch.close()
             if resp is not None:
                 resp.close()
-            error = _translate(exc, request.url, "ttft")
+            if watch.timed_out(task):
+                error: Exception | None = _timeout(request.url, watch.phase("ttft"))
+            else:
+                error = _translate(exc, request.url, "ttft")
             if error is None:
                 raise
             log.debug("upstream_send_failed", url=request.url, error=type(error).__name__)

@@ -117,10 +117,17 @@ class Transport(Protocol):
 
     ``send`` returns once the status line and headers arrived (or raises
     ``UpstreamUnavailable``/``UpstreamTimeout`` with ``phase`` "connect" or "ttft").
+    With ``total_s`` the whole exchange, body included, must be done within it
+    (``UpstreamTimeout`` with ``phase`` "total"); without, the caller bounds it.
     """
 
     async def send(
-        self, request: UpstreamRequest, *, connect_s: float, ttft_s: float
+        self,
+        request: UpstreamRequest,
+        *,
+        connect_s: float,
+        ttft_s: float,
+        total_s: float | None = None,
     ) -> UpstreamResponse: ...
 
     async def aclose(self) -> None: ...

@@ -286,8 +286,14 @@ class LocalExtractiveTransport:
     """``local:/v1/chat/completions`` answered in-process by :func:`compose_answer`."""
 
     async def send(
-        self, request: UpstreamRequest, *, connect_s: float, ttft_s: float
+        self,
+        request: UpstreamRequest,
+        *,
+        connect_s: float,
+        ttft_s: float,
+        total_s: float | None = None,
     ) -> MemoryResponse:
+        """The whole answer at once (no timeout can run out: nothing is awaited)."""
         body = parse_chat_request(request)
         if isinstance(body, MemoryResponse):
             return body

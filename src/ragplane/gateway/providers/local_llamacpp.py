@@ -256,7 +256,12 @@ class LlamaCppTransport:
     # -- event loop ------------------------------------------------------------------
 
     async def send(
-        self, request: UpstreamRequest, *, connect_s: float, ttft_s: float
+        self,
+        request: UpstreamRequest,
+        *,
+        connect_s: float,
+        ttft_s: float,
+        total_s: float | None = None,
     ) -> MemoryResponse | _Stream:
         body = parse_chat_request(request)
         if isinstance(body, MemoryResponse):
@@ -282,15 +287,21 @@ class LlamaCppTransport:
         self._jobs.add(job)
         future = loop.run_in_executor(self._executor, self._run, job)
         future.add_done_callback(lambda _: self._jobs.discard(job))
+        # a whole answer is made before it is returned: ttft_s bounds it, and total_s
+        phase, limit_s = "ttft", ttft_s
+        if total_s is not None and total_s < ttft_s:
+            phase, limit_s = "total", total_s
         try:
-            async with asyncio.timeout(ttft_s):
+            async with asyncio.timeout(limit_s):
                 first = await queue.get()
                 if not body.get("stream") and isinstance(first, dict):
                     return await self._complete(first, queue, model)
         except BaseException as exc:
             job.cancel.set()
             if isinstance(exc, TimeoutError):
-                raise UpstreamTimeout("llama.cpp: no answer within ttft_s", phase="ttft") from exc
+                raise UpstreamTimeout(
+                    f"llama.cpp: no answer within {phase}_s", phase=phase
+                ) from exc
             raise
         if isinstance(first, UpstreamUnavailable):
             raise first
