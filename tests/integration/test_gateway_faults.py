@@ -147,6 +147,26 @@ async def test_failures_before_the_first_token_fail_over(
     assert {(s, a, r) for s, a, r in rows} == {("ok", 3, "failover/good")}
 
 
+async def test_a_route_that_turns_degraded_goes_behind_the_healthy_one(
+    mocks: tuple[Any, Any], clean_db: PgCluster, app_db: Database, tmp_path: Path
+) -> None:
+    """The router keeps each alias's plan until a route's health changes: a route whose
+    p95 breaks its SLO is tried after the healthy one from the next call on."""
+    _, good = mocks
+    config = MockProviderConfig(api_key=PROVIDER_KEY, latency_ms=120)
+    async with run_mock_provider(config) as slow:
+        breaker = {"slo_p95_ms": 50, "min_calls": 2, "consecutive_failures": 1000}
+        gs = _settings(slow.url, good.url, breaker=breaker)
+        settings = make_settings(clean_db, tmp_path, gateway=gs)
+        async with running_gateway(settings, app_db) as (_, url), httpx.AsyncClient() as c:
+            routes = [
+                (await _chat(c, url, "failover", stream=False)).headers["x-ragplane-route"]
+                for _ in range(5)
+            ]
+    assert routes == ["failover/bad"] * 2 + ["failover/good"] * 3
+    assert (slow.stats.total, good.stats.total) == (2, 3)
+
+
 @pytest.mark.parametrize("fault", ["cut:5", "malformed:5", "stall:5"])
 @pytest.mark.parametrize("alias", ["only-bad", "only-bad-claude"])
 async def test_a_stream_broken_after_the_first_token_ends_with_an_error_event(

@@ -179,6 +179,9 @@ class Router:
         self._rng = rng or random.Random()  # noqa: S311 - routing, not security
         self._routes = {alias: self._build_routes(alias) for alias in settings.aliases}
         self._seen: dict[str, BreakerState] = {}
+        # plans of aliases without a weighted draw, until a route's health changes
+        self._plans: dict[tuple[str, str | None], tuple[Route, ...]] = {}
+        self._fixed = {alias: self._fixed_order(alias) for alias in settings.aliases}
 
     # -- plans -------------------------------------------------------------------------
 
@@ -203,36 +206,46 @@ class Router:
     def aliases(self) -> Mapping[str, tuple[Route, ...]]:
         return self._routes
 
-    def plan(self, alias: str, region: str | None = None) -> list[Route]:
+    def plan(self, alias: str, region: str | None = None) -> tuple[Route, ...]:
         """Routes to try, in order: the alias's own (healthy first), then its fallbacks'.
 
         With ``region``, routes whose provider is pinned to another region are left out:
         a tenant's prompts are never sent for inference outside its home region.
         """
+        cached = self._plans.get((alias, region))
+        if cached is not None:
+            return cached
         if alias not in self._routes:
             raise UnknownAlias(f"model {alias!r} is not a configured alias")
-        plan = self._plan(alias)
-        if region is None:
-            return plan
-        allowed = [r for r in plan if r.provider.region in (None, region)]
-        if plan and not allowed:
-            raise RegionNotServed(
-                f"no route of {alias!r} may serve region {region!r} (the tenant's home)"
-            )
-        return allowed
+        plan = tuple(r for name in self._chain(alias) for r in self._ordered(name))
+        if region is not None:
+            allowed = tuple(r for r in plan if r.provider.region in (None, region))
+            if plan and not allowed:
+                raise RegionNotServed(
+                    f"no route of {alias!r} may serve region {region!r} (the tenant's home)"
+                )
+            plan = allowed
+        if self._fixed[alias]:
+            self._plans[alias, region] = plan
+        return plan
 
-    def _plan(self, alias: str) -> list[Route]:
-        plan: list[Route] = []
-        seen_aliases: set[str] = set()
+    def _chain(self, alias: str) -> list[str]:
+        """The alias, then its fallbacks' (breadth first, each once)."""
+        chain: list[str] = []
         queue = [alias]
         while queue:
             name = queue.pop(0)
-            if name in seen_aliases:
-                continue
-            seen_aliases.add(name)
-            plan.extend(self._ordered(name))
-            queue.extend(self.settings.aliases[name].fallbacks)
-        return plan
+            if name not in chain:
+                chain.append(name)
+                queue.extend(self.settings.aliases[name].fallbacks)
+        return chain
+
+    def _fixed_order(self, alias: str) -> bool:
+        """True if the alias's plan depends on route health only (no weighted draw)."""
+        return not any(
+            self.settings.aliases[name].strategy == "weighted" and len(self._routes[name]) > 1
+            for name in self._chain(alias)
+        )
 
     def _ordered(self, alias: str) -> list[Route]:
         routes = list(self._routes[alias])
@@ -257,7 +270,9 @@ class Router:
         return order + [r for r in routes if weights[r.name] == 0]
 
     def _note(self, route: Route, state: BreakerState) -> None:
-        self._seen[route.name] = state
+        if self._seen.get(route.name, BreakerState.CLOSED) is not state:
+            self._seen[route.name] = state
+            self._plans.clear()  # the order of healthy and unhealthy routes changed
 
     # -- calls -------------------------------------------------------------------------
 
