@@ -194,6 +194,29 @@ async def test_rows_are_written_in_batches(clean_db: PgCluster, app_db: Database
     assert sink.failed_writes == sink.overflowed == 0
 
 
+async def test_submit_later_makes_the_entry_in_the_flusher_not_on_the_response_path(
+    clean_db: PgCluster, app_db: Database, tmp_path: Path
+):
+    made: list[int] = []
+
+    def make(n: int) -> LedgerEntry:
+        made.append(n)
+        return entry(n)
+
+    sink = LedgerSink(app_db, settings(queue_size=2), tmp_path)
+    await sink.start()
+    sink.submit_later(make, 1)
+    sink.submit_later(make, 2)
+    assert made == []  # queued as (make, args): nothing built yet
+    sink.submit_later(make, 3)  # the queue is full: spilled at once, so made now
+    assert made == [3]
+    await sink.stop()
+    assert sorted(made) == [1, 2, 3]
+    assert sorted(r["request_id"] for r in await stored(clean_db)) == [
+        f"req-{ALPHA}-{n:05d}" for n in (1, 2, 3)
+    ]
+
+
 async def test_a_large_batch_is_made_in_slices_that_let_other_tasks_run(
     clean_db: PgCluster, app_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -2,7 +2,8 @@
 
 ::
 
-    submit(entry)  (sync, O(1), never awaits)
+    submit(entry) / submit_later(make, *args)  (sync, O(1), never awaits; with
+      submit_later the entry itself is made by the flusher, off the response path)
       ├─ queue has room → bounded in-memory queue ──┐
       └─ queue full     → append to the spill file  │  (counted in ``overflowed``;
                            (one write syscall)       │   an error log per burst: the alarm)
@@ -36,6 +37,7 @@ import collections
 import contextlib
 import random
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,18 @@ log = get_logger("ragplane.gateway.ledger")
 
 _REJECTED = "rejected.jsonl"
 ROWS_PER_SLICE = 100  # ledger rows made between two yields to the event loop (~0.5 ms)
+
+MakeEntry = Callable[..., LedgerEntry]
+_Queued = tuple[MakeEntry, tuple[Any, ...], float]  # how to make the entry; when it ended
+
+
+def _given(entry: LedgerEntry) -> LedgerEntry:
+    return entry
+
+
+def _row(item: _Queued) -> LedgerRow:
+    make, args, at = item
+    return ledger_row(make(*args), at)
 
 
 def ledger_row(entry: LedgerEntry, at: float | None = None) -> LedgerRow:
@@ -115,9 +129,9 @@ class LedgerSink:
         self.spill_dir = spill_dir
         self._retry_base_s = retry_base_s
         self._retry_max_s = retry_max_s
-        # calls and when they ended; made into rows (id minted) by the flusher, off the
-        # response path
-        self._queue: collections.deque[tuple[LedgerEntry, float]] = collections.deque()
+        # calls and when they ended; made into entries and rows (id minted) by the
+        # flusher, off the response path
+        self._queue: collections.deque[_Queued] = collections.deque()
         self._in_flight: list[LedgerRow] = []
         self._spill: SpillFile | None = None  # the file overflow appends to
         self._sealed: list[SpillFile] = []  # files to replay (no more appends)
@@ -161,13 +175,20 @@ class LedgerSink:
         Before ``start`` rows wait in the queue; after ``stop`` they go to a spill file
         straight away (the next start writes them).
         """
+        self.submit_later(_given, entry)
+
+    def submit_later(self, make: MakeEntry, *args: Any) -> None:
+        """Record one call whose entry ``make(*args)`` builds when the row is written:
+        the response path only queues a tuple (the arguments must not change after).
+        Otherwise as :meth:`submit`."""
         self.submitted += 1
         if self._closed:
+            entry = make(*args)
             log.warning("ledger_submit_after_stop", request_id=entry.request_id)
             self._spill_rows([ledger_row(entry)])
             return
         if len(self._queue) < self._settings.queue_size:
-            self._queue.append((entry, time.time()))
+            self._queue.append((make, args, time.time()))
             n = len(self._queue)
             if n == 1 or n >= self._settings.batch_size:  # the flusher's two wake-ups
                 self._wake.set()
@@ -182,7 +203,7 @@ class LedgerSink:
                 running=self.running,
             )
         self._burst += 1
-        self._spill_rows([ledger_row(entry)])
+        self._spill_rows([ledger_row(make(*args))])
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -225,7 +246,7 @@ class LedgerSink:
         # a batch cancelled mid-commit may or may not be in the table: spill it anyway,
         # its ids make the replay a no-op for rows that did commit
         self._closed = True
-        leftover = [*self._in_flight, *(ledger_row(e, at) for e, at in self._queue)]
+        leftover = [*self._in_flight, *map(_row, self._queue)]
         self._in_flight = []
         self._queue.clear()
         if leftover:
@@ -284,7 +305,7 @@ class LedgerSink:
             for i in range(n):
                 if i and i % ROWS_PER_SLICE == 0:
                     await asyncio.sleep(0)
-                batch.append(ledger_row(*self._queue.popleft()))
+                batch.append(_row(self._queue.popleft()))
             ok = await self._write(batch)
             self._in_flight = []
             if not ok:

@@ -502,26 +502,48 @@ class Router:
     ) -> None:
         if self._ledger is None:
             return
-        usage = usage or Usage()
-        route = route or tally.route
-        self._ledger.submit(
-            LedgerEntry(
-                request_id=call.request_id,
-                tenant_id=call.tenant_id,
-                alias=call.alias,
-                route=route.name if route else None,
-                provider=route.provider_name if route else None,
-                model=route.model.upstream if route else None,
-                api=call.api,
-                stream=call.stream,
-                status=status or ("ok" if error is None else error.code),
-                http_status=200 if error is None else error.status_code,
-                attempts=tally.attempts,
-                usage=usage,
-                cost_usd=cost_usd(usage, route.model) if route else 0.0,
-                latency_ms=(time.perf_counter() - tally.started) * 1000,
-                ttft_ms=ttft_ms,
-                feature_id=call.feature_id,
-                trace_id=call.trace_id,
-            )
+        latency_ms = (time.perf_counter() - tally.started) * 1000
+        # the entry (and its cost) is made by the ledger's flusher, not on this path
+        self._ledger.submit_later(
+            _ledger_entry,
+            call,
+            route or tally.route,
+            usage,
+            error,
+            tally.attempts,
+            latency_ms,
+            ttft_ms,
+            status,
         )
+
+
+def _ledger_entry(
+    call: Call,
+    route: Route | None,
+    usage: Usage | None,
+    error: GatewayError | None,
+    attempts: int,
+    latency_ms: float,
+    ttft_ms: float | None,
+    status: str | None,
+) -> LedgerEntry:
+    usage = usage or Usage()
+    return LedgerEntry(
+        request_id=call.request_id,
+        tenant_id=call.tenant_id,
+        alias=call.alias,
+        route=route.name if route else None,
+        provider=route.provider_name if route else None,
+        model=route.model.upstream if route else None,
+        api=call.api,
+        stream=call.stream,
+        status=status or ("ok" if error is None else error.code),
+        http_status=200 if error is None else error.status_code,
+        attempts=attempts,
+        usage=usage,
+        cost_usd=cost_usd(usage, route.model) if route else 0.0,
+        latency_ms=latency_ms,
+        ttft_ms=ttft_ms,
+        feature_id=call.feature_id,
+        trace_id=call.trace_id,
+    )
