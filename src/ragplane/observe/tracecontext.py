@@ -29,8 +29,8 @@ def random_hex(chars: int) -> str:
     (measurable on the gateway's hot path, docs/benchmarks.md)."""
     while True:
         value = _rng.getrandbits(4 * chars)
-        if value:
-            return f"{value:0{chars}x}"
+        if value:  # bytes.hex, not a format spec: half the cost with cold caches
+            return value.to_bytes((chars + 1) // 2, "big").hex()[-chars:]
 
 
 @dataclass(frozen=True)
