@@ -295,7 +295,7 @@ class BulkheadSettings(_Frozen):
 class LedgerSettings(_Frozen):
     queue_size: int = Field(default=10_000, ge=1)
     batch_size: int = Field(default=500, ge=1)
-    flush_interval_s: float = Field(default=2.0, gt=0)
+    flush_interval_s: float = Field(default=5.0, gt=0)
 
 
 def _default_providers() -> dict[str, ProviderSettings]:

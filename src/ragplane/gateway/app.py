@@ -269,14 +269,13 @@ class GatewayApp:
                 result = await self.router.stream(call)
                 return _SseResponse(
                     result.frames,
-                    headers=_ids(begun, _overhead(begun, result.upstream_ms))
+                    headers=_ids(begun, result.upstream_ms)
                     | {"cache-control": "no-cache", "x-ragplane-route": result.route.name},
                 )
             done = await self.router.complete(call)
             return Response(
                 orjson.dumps(done.body),
-                headers=_ids(begun, _overhead(begun, done.upstream_ms))
-                | {"x-ragplane-route": done.route.name},
+                headers=_ids(begun, done.upstream_ms) | {"x-ragplane-route": done.route.name},
             )
         except (ApiError, GatewayError) as exc:
             return _error(api, exc, begun)
@@ -334,16 +333,10 @@ class _SseResponse(StreamingResponse):
 _Answer = Response | _SseResponse
 
 
-def _overhead(begun: _Begun, upstream_ms: float) -> float:
-    return max(0.0, (time.perf_counter() - begun.started) * 1000 - upstream_ms)
-
-
-def _ids(begun: _Begun, overhead_ms: float | None = None) -> dict[str, str]:
-    headers = {"x-request-id": begun.request_id}
-    if overhead_ms is None:
-        overhead_ms = (time.perf_counter() - begun.started) * 1000
-    headers["x-ragplane-overhead-ms"] = f"{overhead_ms:.3f}"
-    return headers
+def _ids(begun: _Begun, upstream_ms: float = 0.0) -> dict[str, str]:
+    """The request id, and the time spent in the gateway so far, provider time excluded."""
+    overhead_ms = max(0.0, (time.perf_counter() - begun.started) * 1000 - upstream_ms)
+    return {"x-request-id": begun.request_id, "x-ragplane-overhead-ms": f"{overhead_ms:.3f}"}
 
 
 def _json(payload: dict[str, Any], begun: _Begun) -> Response:

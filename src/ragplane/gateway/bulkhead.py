@@ -121,13 +121,34 @@ class _MemorySlot(_Slot):
         self._held = False
 
     async def take(self) -> None:
-        self._bulkhead._take(self._tenant, self._route, self._pool)
+        bulkhead, pool = self._bulkhead, self._pool
+        settings = bulkhead._settings
+        tenant_limit, route_limit = _limits(settings, pool)
+        tkey, rkey = (self._tenant, pool), (self._route, pool)
+        held_t = bulkhead._tenants.get(tkey, 0)
+        if held_t >= tenant_limit:
+            _full(settings, "tenant", self._tenant, self._route, pool)
+        held_r = bulkhead._routes.get(rkey, 0)
+        if held_r >= route_limit:
+            _full(settings, "route", self._tenant, self._route, pool)
+        bulkhead._tenants[tkey] = held_t + 1
+        bulkhead._routes[rkey] = held_r + 1
         self._held = True
 
     async def give(self) -> None:
-        if self._held:
-            self._held = False
-            self._bulkhead._give(self._tenant, self._route, self._pool)
+        if not self._held:
+            return
+        self._held = False
+        bulkhead, pool = self._bulkhead, self._pool
+        for counts, key in (
+            (bulkhead._tenants, (self._tenant, pool)),
+            (bulkhead._routes, (self._route, pool)),
+        ):
+            left = counts.get(key, 0) - 1
+            if left > 0:
+                counts[key] = left
+            else:
+                counts.pop(key, None)
 
 
 class MemoryBulkhead:
@@ -140,26 +161,6 @@ class MemoryBulkhead:
 
     def slot(self, tenant_id: str, route: str, pool: Pool) -> SlotContext:
         return _MemorySlot(self, tenant_id, route, pool)
-
-    def _take(self, tenant_id: str, route: str, pool: Pool) -> None:
-        tenant_limit, route_limit = _limits(self._settings, pool)
-        tkey, rkey = (tenant_id, pool), (route, pool)
-        held_t = self._tenants.get(tkey, 0)
-        if held_t >= tenant_limit:
-            _full(self._settings, "tenant", tenant_id, route, pool)
-        held_r = self._routes.get(rkey, 0)
-        if held_r >= route_limit:
-            _full(self._settings, "route", tenant_id, route, pool)
-        self._tenants[tkey] = held_t + 1
-        self._routes[rkey] = held_r + 1
-
-    def _give(self, tenant_id: str, route: str, pool: Pool) -> None:
-        for counts, key in ((self._tenants, (tenant_id, pool)), (self._routes, (route, pool))):
-            left = counts.get(key, 0) - 1
-            if left > 0:
-                counts[key] = left
-            else:
-                counts.pop(key, None)
 
     async def in_flight(self, tenant_id: str, route: str, pool: Pool) -> tuple[int, int]:
         return self._tenants.get((tenant_id, pool), 0), self._routes.get((route, pool), 0)

@@ -156,10 +156,6 @@ async def _raise_for_status(route: Route, response: UpstreamResponse) -> None:
         raise _status_error(route, response, await response.read())
 
 
-def _ms_since(started: float) -> float:
-    return (time.perf_counter() - started) * 1000
-
-
 class Router:
     def __init__(
         self,
@@ -461,7 +457,7 @@ class Router:
                     route,
                     admission,
                     ok=not counts_against_route(exc),
-                    latency_ms=_ms_since(started),
+                    latency_ms=(time.perf_counter() - started) * 1000,
                 )
                 self._note(route, state)
                 decision = budget.decide(exc)
@@ -484,7 +480,7 @@ class Router:
                 await self._breaker.release(route, admission)
                 raise
             state = await self._breaker.record(
-                route, admission, ok=True, latency_ms=_ms_since(started)
+                route, admission, ok=True, latency_ms=(time.perf_counter() - started) * 1000
             )
             self._note(route, state)
             return result

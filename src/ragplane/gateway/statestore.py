@@ -239,10 +239,11 @@ class MemoryBreakerStore:
     async def acquire(
         self, route: str, policy: BreakerPolicy, lease_s: float
     ) -> tuple[Admission, Transition | None]:
+        known = self._routes.get(route)
+        if known is None or known.state is CLOSED:  # its window moves on the next record
+            return _ADMIT_CLOSED, None
         r, now, moved = self._route(route, policy)
         state = r.state
-        if state is CLOSED:
-            return _ADMIT_CLOSED, None
         transition = None
         if state is DEGRADED:
             if moved and r.latency_state(policy) is CLOSED:
