@@ -167,6 +167,36 @@ async def test_a_route_that_turns_degraded_goes_behind_the_healthy_one(
     assert (slow.stats.total, good.stats.total) == (2, 3)
 
 
+async def test_a_weighted_alias_spreads_calls_by_weight_and_never_leads_with_weight_zero(
+    mocks: tuple[Any, Any], clean_db: PgCluster, app_db: Database, tmp_path: Path
+) -> None:
+    """Weighted aliases draw their order per call (never from the kept plan); a route
+    of weight 0 is only a fallback."""
+    one, three = mocks  # both healthy here
+    gs = _settings(one.url, three.url)
+    weighted = {
+        "strategy": "weighted",
+        "routes": [{"model": "bad", "weight": 1}, {"model": "good", "weight": 3}],
+    }
+    spare = {"strategy": "weighted", "routes": [{"model": "bad", "weight": 0}, {"model": "good"}]}
+    aliases = {**gs.aliases, "weighted": weighted, "spare": spare}
+    gs = GatewaySettings.model_validate({**gs.model_dump(), "aliases": aliases})
+    settings = make_settings(clean_db, tmp_path, gateway=gs)
+    n = 200
+    async with running_gateway(settings, app_db) as (_, url), httpx.AsyncClient() as c:
+        routes = [
+            (await _chat(c, url, "weighted", stream=False)).headers["x-ragplane-route"]
+            for _ in range(n)
+        ]
+        spares = {
+            (await _chat(c, url, "spare", stream=False)).headers["x-ragplane-route"]
+            for _ in range(20)
+        }
+    share = routes.count("weighted/good") / n
+    assert 0.62 < share < 0.88  # 0.75 expected; outside this band p < 1e-4
+    assert spares == {"spare/good"}
+
+
 @pytest.mark.parametrize("fault", ["cut:5", "malformed:5", "stall:5"])
 @pytest.mark.parametrize("alias", ["only-bad", "only-bad-claude"])
 async def test_a_stream_broken_after_the_first_token_ends_with_an_error_event(
