@@ -46,6 +46,7 @@ from typing import Any
 
 import orjson
 
+from ragplane.config import LedgerSettings
 from ragplane.data import DatabaseUrls
 from ragplane.errors import RagplaneError
 from ragplane.evals.gateway_launch import start_floor, start_litellm, start_mock, start_ragplane
@@ -75,7 +76,8 @@ class GatewayBenchOptions:
     litellm: Path | None = None  # the litellm executable of its own venv
     litellm_skip_reason: str = "not requested"
     litellm_workers: int = 2
-    settle_s: float = 3.0  # quiet time around each measured run (longer than a ledger flush)
+    # quiet time around each measured run: longer than the ledger's flush interval
+    settle_s: float = LedgerSettings().flush_interval_s + 1.0
 
 
 @dataclass
