@@ -96,6 +96,12 @@ async def _concurrent(request: web.Request) -> web.Response:
     return web.Response(text=request.query["i"])
 
 
+async def _port(request: web.Request) -> web.Response:
+    """The caller's port: which pooled connection the call came on."""
+    assert request.transport is not None
+    return web.Response(text=str(request.transport.get_extra_info("peername")[1]))
+
+
 @pytest.fixture
 async def upstream() -> AsyncIterator[Upstream]:
     app = web.Application()
@@ -107,6 +113,7 @@ async def upstream() -> AsyncIterator[Upstream]:
     app.router.add_get("/slow-body", _slow_body)
     app.router.add_get("/stall", _stall)
     app.router.add_get("/concurrent", _concurrent)
+    app.router.add_get("/port", _port)
     state = Upstream()
     app[UPSTREAM] = state
     runner = web.AppRunner(app, shutdown_timeout=0.1)
@@ -434,6 +441,23 @@ async def test_64_concurrent_calls(upstream: Upstream, transport: HttpTransport)
     assert stats.in_use == 0
     assert stats.idle == 64
     assert stats.open_responses == 0
+
+
+async def test_after_a_burst_sequential_calls_reuse_the_connection_released_last(
+    upstream: Upstream, transport: HttpTransport
+) -> None:
+    """Eight connections stay idle after the burst; calls one at a time keep to the
+    warmest of them instead of cycling through all eight."""
+
+    async def call(path: str) -> bytes:
+        response = await transport.send(get(upstream.base + path), connect_s=2, ttft_s=10)
+        return await response.read()
+
+    await asyncio.gather(*(call(f"/concurrent?i={i}") for i in range(8)))
+    assert transport.pool_stats().idle == 8
+    ports = [await call("/port") for _ in range(6)]
+    assert len(set(ports)) == 1, ports
+    assert transport.pool_stats().idle == 8
 
 
 async def test_a_closed_transport_refuses_calls(upstream: Upstream) -> None:
