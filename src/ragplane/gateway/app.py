@@ -16,6 +16,7 @@ call and its CPU budget is about a millisecond.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -110,9 +111,12 @@ class GatewayApp:
         self.auth = auth
         self.breaker = breaker
         self._routes: dict[tuple[str, str], Callable[[Request], Awaitable[_Answer]]] = {
-            ("POST", "/v1/chat/completions"): self.chat_completions,
-            ("POST", "/v1/messages"): self.messages,
-            ("POST", "/v1/embeddings"): self.embeddings,
+            # the call endpoints go straight to _call (no wrapper coroutine per request)
+            ("POST", "/v1/chat/completions"): functools.partial(self._call, api="openai"),
+            ("POST", "/v1/messages"): functools.partial(self._call, api="anthropic"),
+            ("POST", "/v1/embeddings"): functools.partial(
+                self._call, api="openai", kind="embeddings"
+            ),
             ("GET", "/v1/models"): self.models,
             ("GET", "/v1/health/routes"): self.route_health,
             ("GET", "/health"): self.health,
@@ -137,15 +141,6 @@ class GatewayApp:
         await response(scope, receive, send)
 
     # -- handlers --------------------------------------------------------------------
-
-    async def chat_completions(self, request: Request) -> _Answer:
-        return await self._call(request, "openai", "chat")
-
-    async def messages(self, request: Request) -> _Answer:
-        return await self._call(request, "anthropic", "chat")
-
-    async def embeddings(self, request: Request) -> _Answer:
-        return await self._call(request, "openai", "embeddings")
 
     async def models(self, request: Request) -> Response:
         api: Api = "anthropic" if "anthropic-version" in request.headers else "openai"
@@ -242,7 +237,7 @@ class GatewayApp:
             begun.trace = TraceContext.continue_from(headers.get("traceparent"))
         return principal
 
-    async def _call(self, request: Request, api: Api, kind: str) -> _Answer:
+    async def _call(self, request: Request, *, api: Api, kind: str = "chat") -> _Answer:
         begun = _Begun(time.perf_counter(), new_request_id())
         try:
             principal = await self._authenticate(request, begun)

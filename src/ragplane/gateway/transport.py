@@ -118,7 +118,7 @@ class _Watch:
                 self._timer.cancel()
             self._timer = self._loop.call_at(deadline, self._on_timer)
         self._expired = False
-        task = self._task = asyncio.current_task()
+        task = self._task = asyncio.current_task(self._loop)  # no get_running_loop()
         return task
 
     def now(self) -> float:
