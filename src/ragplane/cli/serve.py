@@ -57,6 +57,7 @@ def _serve(
             # client addresses from X-Forwarded-For are the edge's business, for the
             # proxies it trusts (edge.trusted_proxies), not uvicorn's loopback default
             proxy_headers=False,
+            server_header=False,  # no software fingerprint on every answer
         )
     )
 

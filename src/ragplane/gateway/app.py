@@ -19,7 +19,8 @@ from __future__ import annotations
 import functools
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -258,7 +259,7 @@ class GatewayApp:
                 traceparent=trace.traceparent,
                 region=principal.region,
                 pool="batch" if headers.get("x-ragplane-pool") == "batch" else "interactive",
-                headers={h: headers[h] for h in _PASS_HEADERS if h in headers},
+                headers=_passed_headers(headers),
             )
             if call.stream:
                 result = await self.router.stream(call)
@@ -291,6 +292,16 @@ def _route_path(scope: Scope) -> str:
     if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
         return path[len(root) :] or "/"
     return path
+
+
+def _passed_headers(headers: dict[str, str]) -> Mapping[str, str]:
+    """The caller's headers an adapter may forward (Anthropic's version and betas)."""
+    if "anthropic-version" not in headers and "anthropic-beta" not in headers:
+        return _NONE_PASSED
+    return {h: headers[h] for h in _PASS_HEADERS if h in headers}
+
+
+_NONE_PASSED: Mapping[str, str] = MappingProxyType({})
 
 
 def _parse_body(raw: bytes) -> dict[str, Any]:

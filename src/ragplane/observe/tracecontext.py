@@ -33,7 +33,7 @@ def random_hex(chars: int) -> str:
             return value.to_bytes((chars + 1) // 2, "big").hex()[-chars:]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TraceContext:
     trace_id: str
     span_id: str
