@@ -15,6 +15,7 @@ import httpx
 import psycopg
 import yaml
 
+from ragplane.evals.gateway_launch import ragplane_config
 from ragplane.gateway.mockprovider import MockProviderConfig, run_mock_provider
 from tests.conftest import PgCluster
 from tests.integration.gateway_harness import PROVIDER_KEY, SERVICE_KEY, closed_port
@@ -24,27 +25,15 @@ HEADERS = {"authorization": f"Bearer {SERVICE_KEY}", "x-tenant-id": "tnt_alpha"}
 
 
 def _config(path: Path, pg: PgCluster, mock_url: str, port: int) -> Path:
-    config = {
-        "data_dir": str(path / "data"),
-        "port": port,
-        "log_level": "warning",
-        "database": {"url": pg.app},
-        "gateway": {
-            "service_keys": [SERVICE_KEY],
-            "providers": {
-                "mock": {"type": "openai", "base_url": f"{mock_url}/v1", "api_key": PROVIDER_KEY}
-            },
-            "models": {
-                "gpt": {
-                    "provider": "mock",
-                    "upstream": "mock-gpt",
-                    "input_per_mtok": 0.15,
-                    "output_per_mtok": 0.6,
-                }
-            },
-            "aliases": {"fast": {"routes": [{"model": "gpt"}]}},
-        },
-    }
+    config = ragplane_config(
+        path / "data",
+        mock_url,
+        pg.app,
+        port=port,
+        service_key=SERVICE_KEY,
+        alias="fast",
+        provider_key=PROVIDER_KEY,
+    )
     file = path / "ragplane.yaml"
     file.write_text(yaml.safe_dump(config))
     return file

@@ -2,10 +2,10 @@
 
 - :func:`start_mock`: ``ragplane mock-provider`` on a free port, fixed latency;
 - :func:`start_floor`: ``python -m ragplane.evals.floor_proxy`` in front of it;
-- :func:`start_ragplane`: ``ragplane serve gateway`` from a YAML file: one service key,
-  one alias routed to the mock, the ledger in the given database (where the bench's
-  tenant is registered first), per-tenant bulkheads raised to 1,024 (the default 32
-  would refuse c=64 from one tenant);
+- :func:`start_ragplane`: ``ragplane serve gateway`` from a YAML file
+  (:func:`ragplane_config`: one service key, one alias routed to the mock, the ledger
+  in the given database, where the bench's tenant is registered first), per-tenant
+  bulkheads raised to 1,024 (the default 32 would refuse c=64 from one tenant);
 - :func:`start_litellm`: the LiteLLM proxy from its own venv, one model pointing at the
   mock as an OpenAI-compatible provider, a strong random master key (LiteLLM refuses a
   weak one), no network look-ups (``LITELLM_LOCAL_MODEL_COST_MAP``), bound to 127.0.0.1.
@@ -35,7 +35,7 @@ from ragplane.evals.gateway_targets import (
     wait_log_url,
 )
 
-__all__ = ["start_floor", "start_litellm", "start_mock", "start_ragplane"]
+__all__ = ["ragplane_config", "start_floor", "start_litellm", "start_mock", "start_ragplane"]
 
 _RAGPLANE = [sys.executable, "-c", "from ragplane.cli import main; main()"]
 _PROVIDER_KEY = "sk-mock"
@@ -67,6 +67,46 @@ def _register_tenant(urls: DatabaseUrls, tenant: str) -> None:
     asyncio.run(go())
 
 
+def ragplane_config(
+    data_dir: Path,
+    upstream: str,
+    database_url: str,
+    *,
+    port: int,
+    service_key: str,
+    alias: str,
+    provider_key: str = _PROVIDER_KEY,
+    bulkheads: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """A ``ragplane serve gateway`` configuration: one service key, one alias routed to
+    an OpenAI-compatible upstream (``mock-gpt``), the ledger in ``database_url``."""
+    gateway: dict[str, Any] = {
+        "service_keys": [service_key],
+        "providers": {
+            "mock": {"type": "openai", "base_url": f"{upstream}/v1", "api_key": provider_key}
+        },
+        "models": {
+            "gpt": {
+                "provider": "mock",
+                "upstream": "mock-gpt",
+                "input_per_mtok": 0.15,
+                "output_per_mtok": 0.6,
+            }
+        },
+        "aliases": {alias: {"routes": [{"model": "gpt"}]}},
+    }
+    if bulkheads is not None:
+        gateway["bulkheads"] = bulkheads
+    return {
+        "data_dir": str(data_dir),
+        "host": "127.0.0.1",
+        "port": port,
+        "log_level": "warning",
+        "database": {"url": database_url},
+        "gateway": gateway,
+    }
+
+
 def start_ragplane(
     work_dir: Path,
     upstream: str,
@@ -78,29 +118,15 @@ def start_ragplane(
 ) -> TargetProcess:
     _register_tenant(urls, tenant)
     port = free_port()
-    config: dict[str, Any] = {
-        "data_dir": str(work_dir / "ragplane-data"),
-        "host": "127.0.0.1",
-        "port": port,
-        "log_level": "warning",
-        "database": {"url": urls.app},
-        "gateway": {
-            "service_keys": [service_key],
-            "providers": {
-                "mock": {"type": "openai", "base_url": f"{upstream}/v1", "api_key": _PROVIDER_KEY}
-            },
-            "models": {
-                "gpt": {
-                    "provider": "mock",
-                    "upstream": "mock-gpt",
-                    "input_per_mtok": 0.15,
-                    "output_per_mtok": 0.6,
-                }
-            },
-            "aliases": {alias: {"routes": [{"model": "gpt"}]}},
-            "bulkheads": {"per_tenant_interactive": 1024, "per_route_interactive": 1024},
-        },
-    }
+    config = ragplane_config(
+        work_dir / "ragplane-data",
+        upstream,
+        urls.app,
+        port=port,
+        service_key=service_key,
+        alias=alias,
+        bulkheads={"per_tenant_interactive": 1024, "per_route_interactive": 1024},
+    )
     file = work_dir / "ragplane.yaml"
     file.write_text(yaml.safe_dump(config))
     argv = [*_RAGPLANE, "serve", "gateway", "--config", str(file)]
