@@ -296,7 +296,7 @@ def _route_path(scope: Scope) -> str:
 
 def _passed_headers(headers: dict[str, str]) -> Mapping[str, str]:
     """The caller's headers an adapter may forward (Anthropic's version and betas)."""
-    if "anthropic-version" not in headers and "anthropic-beta" not in headers:
+    if headers.keys().isdisjoint(_PASS_HEADERS):
         return _NONE_PASSED
     return {h: headers[h] for h in _PASS_HEADERS if h in headers}
 

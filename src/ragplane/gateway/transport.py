@@ -127,14 +127,15 @@ class _Watch:
     def done(self) -> None:
         self._task = None
 
-    def timed_out(self, task: asyncio.Task[Any] | None) -> bool:
-        """After the wait was cancelled: True if this timer did it (the cancellation is
-        then taken back: the caller raises a timeout instead)."""
-        return self._expired and task is not None and task.uncancel() == 0
-
-    def phase(self, wait_phase: str) -> str:
-        """The phase a timeout of the current wait belongs to."""
-        return "total" if self._deadline >= self._end else wait_phase
+    def failure(
+        self, task: asyncio.Task[Any] | None, exc: BaseException, url: str, phase: str
+    ) -> Exception | None:
+        """Our error for what ended the wait ``task`` was in: this timer's timeout (its
+        cancellation taken back; phase "total" when the exchange's end was the deadline),
+        else :func:`_translate`'s; ``None`` if neither (a real cancellation)."""
+        if self._expired and task is not None and task.uncancel() == 0:
+            return _timeout(url, "total" if self._deadline >= self._end else phase)
+        return _translate(exc, url, phase)
 
     def close(self) -> None:
         if self._timer is not None:
@@ -227,9 +228,7 @@ class HttpResponse:
             chunk = await self._resp.content.readany()
         except BaseException as exc:
             self._finish(abort=True)
-            if watch.timed_out(task):
-                raise _timeout(str(self._resp.url), watch.phase(phase)) from exc
-            error = _translate(exc, str(self._resp.url), phase)
+            error = watch.failure(task, exc, str(self._resp.url), phase)
             if error is None:
                 raise
             raise error from exc
@@ -378,10 +377,7 @@ class HttpTransport:
             watch.close()
             if resp is not None:
                 resp.close()
-            if watch.timed_out(task):
-                error: Exception | None = _timeout(request.url, watch.phase("ttft"))
-            else:
-                error = _translate(exc, request.url, "ttft")
+            error = watch.failure(task, exc, request.url, "ttft")
             if error is None:
                 raise
             log.debug("upstream_send_failed", url=request.url, error=type(error).__name__)
