@@ -287,7 +287,8 @@ class LlamaCppTransport:
         self._jobs.add(job)
         future = loop.run_in_executor(self._executor, self._run, job)
         future.add_done_callback(lambda _: self._jobs.discard(job))
-        # a whole answer is made before it is returned: ttft_s bounds it, and total_s
+        # a whole answer is made before it is returned: bounded by ttft_s, or by total_s
+        # when that is shorter
         phase, limit_s = "ttft", ttft_s
         if total_s is not None and total_s < ttft_s:
             phase, limit_s = "total", total_s
