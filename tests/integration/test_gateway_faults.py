@@ -147,6 +147,27 @@ async def test_failures_before_the_first_token_fail_over(
     assert {(s, a, r) for s, a, r in rows} == {("ok", 3, "failover/good")}
 
 
+async def test_the_retry_time_budget_counts_from_the_start_of_the_call(
+    mocks: tuple[Any, Any], clean_db: PgCluster, app_db: Database, tmp_path: Path
+) -> None:
+    # the retry budget is made at the first failure; its clock still starts with the call
+    bad, _ = mocks
+    bad.set_faults("hang")
+    gateway = _settings(
+        bad.url,
+        bad.url,
+        retry={"attempts": 10, "base_s": 0.0, "max_backoff_s": 0.0, "total_s": 0.8},
+        # a hung try ends connect_s + ttft_s after it began: 0.5 s
+        timeouts={"connect_s": 0.2, "ttft_s": 0.3, "idle_s": 0.5, "total_s": 10.0},
+    )
+    settings = make_settings(clean_db, tmp_path, gateway=gateway)
+    async with running_gateway(settings, app_db) as (_, url), httpx.AsyncClient(timeout=20) as c:
+        response = await _chat(c, url, "only-bad", stream=False)
+    assert response.status_code == 504, response.text
+    # the second hung try ends 1.0 s after the call began, past its 0.8 s: no third
+    assert bad.stats.total == 2
+
+
 async def test_a_route_that_turns_degraded_goes_behind_the_healthy_one(
     mocks: tuple[Any, Any], clean_db: PgCluster, app_db: Database, tmp_path: Path
 ) -> None:

@@ -56,3 +56,14 @@ async def test_a_response_is_one_start_and_one_body_with_its_length() -> None:
         b"content-length": b"11",
     }
     assert sent[1]["body"] == b'{"ok":true}'
+
+
+async def test_a_response_that_names_its_type_sends_one_content_type() -> None:
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await Response(b"ok", headers={"content-type": "text/plain"})({}, _receiver(), send)
+    types = [v for k, v in sent[0]["headers"] if k == b"content-type"]
+    assert types == [b"text/plain"]

@@ -131,6 +131,14 @@ def test_total_time_bounds_the_call() -> None:
     assert (final.action, final.reason) == ("give_up", "time_budget_exhausted")
 
 
+def test_a_budget_made_after_the_call_began_counts_from_its_start() -> None:
+    clock = FakeClock()
+    policy = RetryPolicy.model_validate({"total_s": 5.0})
+    late = RetryBudget(policy, clock=clock, rng=random.Random(1), started=clock.now - 4.0)
+    assert late.remaining_s == pytest.approx(1.0)
+    assert budget(clock, total_s=5.0).remaining_s == pytest.approx(5.0)  # default: now
+
+
 def test_retry_after_is_honoured_with_a_little_jitter() -> None:
     delays = [budget(seed=s).decide(server_error(429, retry_after_s=2.0)) for s in range(50)]
     assert {d.action for d in delays} == {"retry"}

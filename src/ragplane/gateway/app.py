@@ -43,7 +43,7 @@ log = get_logger("ragplane.gateway")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _PASS_HEADERS = ("anthropic-version", "anthropic-beta")
-_JSON = "application/json"
+_JSON_TYPE = (b"content-type", b"application/json")
 
 
 class Request:
@@ -69,7 +69,8 @@ class Request:
 
 
 class Response:
-    """A whole (JSON) answer: a status, headers and a body, sent in two ASGI messages."""
+    """A whole answer: a status, headers and a body (JSON unless the headers name another
+    type), sent in two ASGI messages."""
 
     __slots__ = ("body", "headers", "status")
 
@@ -78,10 +79,12 @@ class Response:
     ) -> None:
         self.body = body
         self.status = status
-        self.headers = {"content-type": _JSON} | (headers or {})
+        self.headers = headers or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        if "content-type" not in self.headers:
+            raw.append(_JSON_TYPE)
         raw.append((b"content-length", str(len(self.body)).encode()))
         await send({"type": "http.response.start", "status": self.status, "headers": raw})
         await send({"type": "http.response.body", "body": self.body})
@@ -265,13 +268,12 @@ class GatewayApp:
                 result = await self.router.stream(call)
                 return _SseResponse(
                     result.frames,
-                    headers=_ids(begun, result.upstream_ms)
-                    | {"cache-control": "no-cache", "x-ragplane-route": result.route.name},
+                    headers=_ids(begun, result.upstream_ms, result.route.name)
+                    | {"cache-control": "no-cache"},
                 )
             done = await self.router.complete(call)
             return Response(
-                orjson.dumps(done.body),
-                headers=_ids(begun, done.upstream_ms) | {"x-ragplane-route": done.route.name},
+                orjson.dumps(done.body), headers=_ids(begun, done.upstream_ms, done.route.name)
             )
         except (ApiError, GatewayError) as exc:
             return _error(api, exc, begun)
@@ -339,10 +341,14 @@ class _SseResponse(StreamingResponse):
 _Answer = Response | _SseResponse
 
 
-def _ids(begun: _Begun, upstream_ms: float = 0.0) -> dict[str, str]:
-    """The request id, and the time spent in the gateway so far, provider time excluded."""
+def _ids(begun: _Begun, upstream_ms: float = 0.0, route: str | None = None) -> dict[str, str]:
+    """The request id, the time spent in the gateway so far (provider time excluded) and
+    the route that answered, if one did."""
     overhead_ms = max(0.0, (time.perf_counter() - begun.started) * 1000 - upstream_ms)
-    return {"x-request-id": begun.request_id, "x-ragplane-overhead-ms": f"{overhead_ms:.3f}"}
+    ids = {"x-request-id": begun.request_id, "x-ragplane-overhead-ms": f"{overhead_ms:.3f}"}
+    if route is not None:
+        ids["x-ragplane-route"] = route
+    return ids
 
 
 def _json(payload: dict[str, Any], begun: _Begun) -> Response:

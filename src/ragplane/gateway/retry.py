@@ -92,12 +92,14 @@ class RetryBudget:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
+        started: float | None = None,
     ) -> None:
+        """``started``: when the call began, on ``clock`` (default: now)."""
         self._policy = policy
         self._clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._sleep = sleep
-        self._deadline = clock() + policy.total_s
+        self._deadline = (clock() if started is None else started) + policy.total_s
         self._route_tries = 0
         self.failures = 0  # failed attempts of the whole call, every route
 

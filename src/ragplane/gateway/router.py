@@ -62,9 +62,11 @@ CallKind = Literal["chat", "embeddings"]
 _RANK = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.DEGRADED: 1}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Call:
-    """One caller request, already authenticated and parsed."""
+    """One caller request, already authenticated and parsed (not frozen, as every record
+    made per call on this path: a frozen dataclass sets each field through
+    ``object.__setattr__``, 13 calls here)."""
 
     api: Api
     alias: str
@@ -81,7 +83,7 @@ class Call:
     traceparent: str | None = None  # forwarded to providers
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Completion:
     body: dict[str, Any]
     route: Route
@@ -126,6 +128,7 @@ class _Tally:
     upstream_s: float = 0.0
     route: Route | None = None
     last_error: GatewayError | None = None
+    budget: RetryBudget | None = None  # made at the first failure: most calls need none
 
 
 _FAIL_OVER: Any = object()
@@ -133,10 +136,9 @@ _FAIL_OVER: Any = object()
 
 def _traced(request: UpstreamRequest, call: Call) -> UpstreamRequest:
     """The caller's trace continues at the provider (W3C traceparent)."""
-    if call.traceparent is None:
-        return request
-    headers = {**request.headers, "traceparent": call.traceparent}
-    return UpstreamRequest(request.method, request.url, headers, request.body, request.stream)
+    if call.traceparent is not None:
+        request.headers["traceparent"] = call.traceparent
+    return request
 
 
 def _status_error(route: Route, response: UpstreamResponse, data: bytes) -> UpstreamError:
@@ -402,16 +404,16 @@ class Router:
         """The first successful attempt's result, and the bulkhead slot it still holds
         (``give`` it back when the call is over: a stream holds it until its end)."""
         plan = self.plan(call.alias, call.region)
-        budget = RetryBudget(self.settings.aliases[call.alias].retry, rng=self._rng)
         for route in plan:
             if (call.kind == "embeddings") != (route.model.kind == "embedding"):
                 continue
-            budget.begin_route()
+            if tally.budget is not None:
+                tally.budget.begin_route()
             # the slot is held across this route's retries; BulkheadFull goes to the caller
             slot = self._bulkhead.slot(call.tenant_id, route.name, call.pool)
             await slot.take()
             try:
-                result = await self._on_route(call, route, tally, budget, attempt)
+                result = await self._on_route(call, route, tally, attempt)
             except BaseException:
                 await slot.give()
                 raise
@@ -430,7 +432,6 @@ class Router:
         call: Call,
         route: Route,
         tally: _Tally,
-        budget: RetryBudget,
         attempt: Callable[[Route], Awaitable[Any]],
     ) -> Any:
         """Attempts on one route: its result, or ``_FAIL_OVER``; raises to give up."""
@@ -460,6 +461,14 @@ class Router:
                     latency_ms=(time.perf_counter() - started) * 1000,
                 )
                 self._note(route, state)
+                budget = tally.budget
+                if budget is None:
+                    budget = tally.budget = RetryBudget(
+                        self.settings.aliases[call.alias].retry,
+                        clock=time.perf_counter,
+                        rng=self._rng,
+                        started=tally.started,
+                    )
                 decision = budget.decide(exc)
                 log.info(
                     "upstream_attempt_failed",
@@ -467,6 +476,7 @@ class Router:
                     attempt=tally.attempts,
                     error=exc.code,
                     decision=decision.action,
+                    reason=decision.reason,
                 )
                 if decision.action == "give_up":
                     raise

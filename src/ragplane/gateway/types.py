@@ -80,11 +80,15 @@ class Route:
         return "anthropic" if self.provider.type == "anthropic" else "openai"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UpstreamRequest:
+    """What an adapter built for one attempt. Not frozen: it is made per attempt on the
+    hot path (a frozen dataclass pays an ``object.__setattr__`` per field), and its
+    ``headers`` are its own dict, to which the router adds the caller's trace."""
+
     method: str
     url: str  # absolute for HTTP providers; "local:/v1/chat/completions" for local ones
-    headers: Mapping[str, str]
+    headers: dict[str, str]
     body: bytes
     stream: bool
 
