@@ -150,6 +150,7 @@ MESSAGE = {
 def test_a_message_passes_through_with_usage() -> None:
     message, usage = ADAPTER.parse_response(orjson.dumps(MESSAGE), ROUTE)
     assert message == MESSAGE
+    assert ADAPTER.passes_through  # so the caller may get the provider's bytes as they came
     assert usage == Usage(
         input_tokens=15, output_tokens=310, cache_read_tokens=6000, cache_write_tokens=1200
     )

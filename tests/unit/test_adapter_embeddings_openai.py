@@ -50,6 +50,8 @@ def test_request() -> None:
 def test_response_and_usage() -> None:
     result, usage = ADAPTER.parse_response(orjson.dumps(RESPONSE), ROUTE)
     assert usage == Usage(input_tokens=8)
+    assert result == RESPONSE
+    assert ADAPTER.passes_through  # so the caller may get the provider's bytes as they came
     CreateEmbeddingResponse.model_validate(result)
     sdk = openai_sdk(orjson.dumps(result)).embeddings.create(model="kb-embed", input=["a", "b"])
     assert len(sdk.data) == 2

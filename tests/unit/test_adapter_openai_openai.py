@@ -119,6 +119,7 @@ def test_response_usage_subtracts_cached_tokens_and_keeps_reasoning() -> None:
         input_tokens=176, output_tokens=900, cache_read_tokens=1024, reasoning_tokens=832
     )
     assert completion == body
+    assert ADAPTER.passes_through  # so the caller may get the provider's bytes as they came
     ChatCompletion.model_validate(completion)
 
 

@@ -273,7 +273,8 @@ class GatewayApp:
                 )
             done = await self.router.complete(call)
             return Response(
-                orjson.dumps(done.body), headers=_ids(begun, done.upstream_ms, done.route.name)
+                done.raw if done.raw is not None else orjson.dumps(done.body),
+                headers=_ids(begun, done.upstream_ms, done.route.name),
             )
         except (ApiError, GatewayError) as exc:
             return _error(api, exc, begun)

@@ -90,6 +90,7 @@ class Completion:
     usage: Usage
     attempts: int
     upstream_ms: float  # time spent waiting for providers, every attempt
+    raw: bytes | None = None  # the provider's own bytes, when ``body`` is its answer as is
 
 
 @dataclass(slots=True)
@@ -309,6 +310,7 @@ class Router:
                 usage=usage,
                 attempts=tally.attempts,
                 upstream_ms=tally.upstream_s * 1000,
+                raw=data if adapter.passes_through else None,
             )
 
         try:

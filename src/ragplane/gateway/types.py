@@ -170,6 +170,9 @@ class ChatAdapter(Protocol):
 
     api: Api
     upstream_api: Api
+    # parse_response returns the provider's answer unchanged: the caller then gets the
+    # provider's bytes as they came, not parsed and serialised again
+    passes_through: bool
 
     def build_request(
         self, body: dict[str, Any], route: Route, *, headers: Mapping[str, str] | None = None

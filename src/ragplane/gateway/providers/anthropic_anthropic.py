@@ -83,6 +83,7 @@ class AnthropicToAnthropic:
 
     api: Api = "anthropic"
     upstream_api: Api = "anthropic"
+    passes_through: bool = True
 
     def build_request(
         self, body: dict[str, Any], route: Route, *, headers: Mapping[str, str] | None = None

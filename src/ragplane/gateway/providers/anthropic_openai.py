@@ -223,6 +223,7 @@ class AnthropicToOpenAI:
 
     api: Api = "anthropic"
     upstream_api: Api = "openai"
+    passes_through: bool = False
 
     def build_request(
         self, body: dict[str, Any], route: Route, *, headers: Mapping[str, str] | None = None

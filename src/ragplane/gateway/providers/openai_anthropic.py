@@ -262,6 +262,7 @@ class OpenAIToAnthropic:
 
     api: Api = "openai"
     upstream_api: Api = "anthropic"
+    passes_through: bool = False
 
     def build_request(
         self, body: dict[str, Any], route: Route, *, headers: Mapping[str, str] | None = None

@@ -54,6 +54,7 @@ class OpenAIToOpenAI:
 
     api: Api = "openai"
     upstream_api: Api = "openai"
+    passes_through: bool = True
 
     def build_request(
         self, body: dict[str, Any], route: Route, *, headers: Mapping[str, str] | None = None
