@@ -50,6 +50,10 @@ async def _chunks(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _small(request: web.Request) -> web.Response:
+    return web.Response(body=b"whole")  # with its content-length
+
+
 async def _trickle(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse()
     await response.prepare(request)
@@ -107,6 +111,7 @@ async def upstream() -> AsyncIterator[Upstream]:
     app = web.Application()
     app.router.add_post("/json", _json)
     app.router.add_get("/chunks", _chunks)
+    app.router.add_get("/small", _small)
     app.router.add_get("/status", _status)
     app.router.add_get("/trickle", _trickle)
     app.router.add_get("/slow-headers", _slow_headers)
@@ -164,6 +169,19 @@ async def test_headers_status_and_body(upstream: Upstream, transport: HttpTransp
     again = await transport.send(request, connect_s=1, ttft_s=2)
     await again.read()
     assert transport.pool_stats().idle == 1
+
+
+async def test_a_body_that_came_whole_frees_its_connection_with_its_first_chunk(
+    upstream: Upstream, transport: HttpTransport
+) -> None:
+    response = await transport.send(get(upstream.base + "/small"), connect_s=1, ttft_s=2)
+    chunks = response.iter_chunks()
+    assert await anext(chunks) == b"whole"
+    # back in the pool before anyone asked for the end
+    assert transport.pool_stats().open_responses == 0
+    assert transport.pool_stats().idle == 1
+    with pytest.raises(StopAsyncIteration):
+        await anext(chunks)
 
 
 async def test_chunks_arrive_as_sent(upstream: Upstream, transport: HttpTransport) -> None:

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from ragplane.observe import tracecontext
 from ragplane.observe.tracecontext import TraceContext, random_hex
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -107,6 +108,16 @@ def test_mint_makes_valid_distinct_ids() -> None:
         assert ctx.span_id != "0" * 16
     assert len({c.trace_id for c in minted}) == 50
     assert len({c.span_id for c in minted}) == 50
+
+
+@pytest.mark.parametrize("zero", ["0" * 32 + "ab" * 8, "ab" * 16 + "0" * 16])
+def test_mint_draws_again_rather_than_make_an_all_zero_id(
+    zero: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    draws = iter([zero, "12" * 24])
+    monkeypatch.setattr(tracecontext, "random_hex", lambda chars: next(draws))
+    ctx = TraceContext.mint()
+    assert (ctx.trace_id, ctx.span_id) == ("12" * 16, "12" * 8)
 
 
 def test_minted_header_round_trips() -> None:

@@ -192,7 +192,7 @@ class HttpResponse:
         owner: HttpTransport,
     ) -> None:
         self.status = resp.status
-        self.headers: Mapping[str, str] = {k.lower(): v for k, v in resp.headers.items()}
+        self.headers: Mapping[str, str] = resp.headers  # case-insensitive
         self._resp = resp
         self._first_deadline = first_deadline
         self._watch = watch
@@ -236,6 +236,8 @@ class HttpResponse:
             watch.done()
         if chunk:
             self._got_first = True
+            if self._resp.content.at_eof():  # the whole body: no second wait for b""
+                self._finish(abort=False)
         else:
             self._finish(abort=False)
         return chunk

@@ -106,7 +106,7 @@ class UpstreamResponse(Protocol):
     """
 
     status: int
-    headers: Mapping[str, str]  # lower-case names
+    headers: Mapping[str, str]  # looked up by lower-case name (may be case-insensitive)
 
     async def read(self, *, idle_s: float | None = None) -> bytes: ...
 

@@ -42,7 +42,11 @@ class TraceContext:
 
     @classmethod
     def mint(cls) -> TraceContext:
-        return cls(trace_id=random_hex(32), span_id=random_hex(16))
+        ids = random_hex(48)  # one draw for both (on the gateway's hot path)
+        trace_id, span_id = ids[:32], ids[32:]
+        if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:  # W3C: invalid; 1 in 2**64
+            return cls.mint()
+        return cls(trace_id=trace_id, span_id=span_id)
 
     @classmethod
     def continue_from(cls, traceparent: str | None) -> TraceContext | None:
