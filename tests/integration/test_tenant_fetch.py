@@ -1,4 +1,5 @@
-"""``Database.tenant_fetch``: one read in a tenant unit of work, sent as one pipeline."""
+"""``Database.tenant_fetch``: one read in a tenant unit of work, sent as one pipeline;
+``Database.control_fetch``: one read of control-plane tables, one statement."""
 
 from __future__ import annotations
 
@@ -66,3 +67,20 @@ async def test_it_refuses_a_bad_tenant_or_setting(clean_db: PgCluster) -> None:
             await db.tenant_fetch("Robert'); --", STATE)
         with pytest.raises(ValueError, match="not a setting"):
             await db.tenant_fetch("tnt_alpha", STATE, settings={"app.tenant_id": "tnt_beta"})
+
+
+async def test_control_fetch_reads_control_tables_and_sees_no_tenant_rows(
+    clean_db: PgCluster,
+) -> None:
+    async with Database(clean_db.app, max_size=1) as db:
+        await _seed(db)
+        rows = await db.control_fetch(
+            "SELECT id FROM control.tenants WHERE id = ANY(%s) ORDER BY id",
+            (["tnt_alpha", "tnt_beta"],),
+        )
+        assert [r["id"] for r in rows] == ["tnt_alpha", "tnt_beta"]
+        assert await db.control_fetch(STATE) == []  # no tenant set: RLS shows nothing
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            await db.control_fetch("SELECT 1 / 0")
+        # the failed statement was its own transaction: the connection is usable
+        assert [r["one"] for r in await db.control_fetch("SELECT 1 AS one")] == [1]

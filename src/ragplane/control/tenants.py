@@ -50,8 +50,11 @@ def _tenant(row: dict[str, Any]) -> Tenant:
     return Tenant(**{**row, "kb_namespaces": tuple(row["kb_namespaces"])})
 
 
+_ONE = " WHERE t.id = %s GROUP BY t.id"
+
+
 async def get_tenant(session: Session, tenant_id: str) -> Tenant:
-    row = await session.fetch_one(_SELECT + " WHERE t.id = %s GROUP BY t.id", (tenant_id,))
+    row = await session.fetch_one(_SELECT + _ONE, (tenant_id,))
     if row is None:
         raise TenantNotFound(tenant_id)
     return _tenant(row)
@@ -104,7 +107,10 @@ class TenantRegistry:
         hit = self._cache.get(tenant_id)
         if hit is not None and now - hit[0] < self._ttl_s:
             return hit[1]
-        async with self._db.control() as s:
-            tenant = await get_tenant(s, tenant_id)
+        # one round trip (a unit of work would take three: BEGIN, SELECT, COMMIT)
+        rows = await self._db.control_fetch(_SELECT + _ONE, (tenant_id,))
+        if not rows:
+            raise TenantNotFound(tenant_id)
+        tenant = _tenant(rows[0])
         self._cache[tenant_id] = (now, tenant)
         return tenant

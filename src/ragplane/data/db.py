@@ -238,6 +238,17 @@ class Database:
         async with self._transaction() as conn:
             yield Session(conn)
 
+    async def control_fetch(self, query: Query, params: Params | None = None) -> list[DictRow]:
+        """One read-only statement on control-plane tables, in one round trip: alone on
+        the pool's autocommit connection it is its own transaction (no BEGIN/COMMIT round
+        trips; for read-through caches on the request path, such as the tenant registry)."""
+        try:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(query, params)
+                return await cur.fetchall()
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            raise DatabaseUnavailable(f"{self.name} database unavailable: {exc}") from exc
+
     async def ping(self) -> None:
         """Raise DatabaseUnavailable unless a trivial query succeeds."""
         async with self.control() as s:
