@@ -53,11 +53,14 @@ def _tenant(row: dict[str, Any]) -> Tenant:
 _ONE = " WHERE t.id = %s GROUP BY t.id"
 
 
-async def get_tenant(session: Session, tenant_id: str) -> Tenant:
-    row = await session.fetch_one(_SELECT + _ONE, (tenant_id,))
+def _found(row: dict[str, Any] | None, tenant_id: str) -> Tenant:
     if row is None:
         raise TenantNotFound(tenant_id)
     return _tenant(row)
+
+
+async def get_tenant(session: Session, tenant_id: str) -> Tenant:
+    return _found(await session.fetch_one(_SELECT + _ONE, (tenant_id,)), tenant_id)
 
 
 async def list_tenants(session: Session) -> list[Tenant]:
@@ -109,8 +112,6 @@ class TenantRegistry:
             return hit[1]
         # one round trip (a unit of work would take three: BEGIN, SELECT, COMMIT)
         rows = await self._db.control_fetch(_SELECT + _ONE, (tenant_id,))
-        if not rows:
-            raise TenantNotFound(tenant_id)
-        tenant = _tenant(rows[0])
+        tenant = _found(rows[0] if rows else None, tenant_id)
         self._cache[tenant_id] = (now, tenant)
         return tenant
