@@ -404,7 +404,10 @@ async def test_a_stream_holds_its_bulkhead_slot_until_it_ends_or_the_caller_leav
                 "POST", f"{url}/v1/chat/completions", json=body, headers=HEADERS
             ) as r:
                 assert r.status_code == 200
-                await anext(r.aiter_bytes())  # the first token reached us; the stream goes on
+                # keep the iterator: one dropped here is finalised at once, and closing it
+                # closes the stream's connection (the caller would have left already)
+                chunks = r.aiter_bytes()
+                await anext(chunks)  # the first token reached us; the stream goes on
                 second = await _chat(c, url, "only-bad", stream=False)
                 assert second.status_code == 429  # the running stream holds the only slot
                 # the caller leaves mid-stream
