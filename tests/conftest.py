@@ -197,7 +197,7 @@ def make_settings(pg: PgCluster, tmp_path: Path, **overrides: Any) -> Settings:
         "dev_mode": False,
         "database": DatabaseSettings(url=pg.app, owner_url=pg.owner, reporting_url=pg.reporting),
         "auth": AuthSettings(),
-        "edge": EdgeSettings(tenant_cache_s=0),
+        "edge": EdgeSettings(tenant_cache_s=0, tenant_cache_listening_s=0),
         "log_level": "warning",
     }
     values.update(overrides)

@@ -101,7 +101,14 @@ class EdgeSettings(_Frozen):
     trusted_proxies: tuple[IPvAnyNetwork, ...] = Field(
         default=(), description="Peers whose X-Request-Id and traceparent headers are honoured."
     )
-    tenant_cache_s: float = Field(default=5.0, ge=0)
+    tenant_cache_s: float = Field(
+        default=5.0, ge=0, description="How long a tenant or key look-up is reused."
+    )
+    tenant_cache_listening_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="The same while control-plane changes are pushed (LISTEN/NOTIFY).",
+    )
 
 
 MIB = 1024 * 1024

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ragplane import __version__
 from ragplane.config import Region, Settings
+from ragplane.control.changes import ControlChanges
 from ragplane.control.tenants import TenantRegistry, add_tenant
 from ragplane.data import Database, DatabaseUrls, EmbeddedPostgres
 from ragplane.edge.auth import (
@@ -94,6 +95,7 @@ class Platform:
         self.ingest_queue: IngestQueue | None = None
         self._http: httpx.AsyncClient | None = None
         self.gateway: Gateway | None = None
+        self.changes: ControlChanges | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -112,13 +114,21 @@ class Platform:
             timeout_s=s.database.connect_timeout_s,
         )
         await self.db.open()
-        registry = TenantRegistry(self.db, ttl_s=s.edge.tenant_cache_s)
+        # tenant and key changes pushed by Postgres: the caches below forget at once
+        self.changes = ControlChanges(self.db)
+        await self.changes.start()
+        registry = TenantRegistry(
+            self.db,
+            ttl_s=s.edge.tenant_cache_s,
+            changes=self.changes,
+            listening_ttl_s=s.edge.tenant_cache_listening_s,
+        )
         self.edge = Edge(
             authenticator=Authenticator(self._verifier(), self.db),
             registry=registry,
             dev_mode=s.dev_mode,
         )
-        self.gateway = Gateway(s, self.db, registry=registry)
+        self.gateway = Gateway(s, self.db, registry=registry, changes=self.changes)
         await self.gateway.start()
         await self._start_knowledge()
 
@@ -248,6 +258,8 @@ class Platform:
     async def stop(self) -> None:
         if self.gateway is not None:
             await self.gateway.stop()  # drains the ledger: before the database closes
+        if self.changes is not None:
+            await self.changes.stop()
         if self.db is not None:
             await self.db.close()
         if self._http is not None:

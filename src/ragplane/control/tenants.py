@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from ragplane.config import Region
+from ragplane.control.changes import ControlChanges, cache_ttl
 from ragplane.data import Database, Session, validate_tenant_id
 from ragplane.errors import TenantExists, TenantNotFound
 
@@ -98,20 +99,48 @@ async def add_tenant(
 
 
 class TenantRegistry:
-    """Read-through cache of the registry for the edge (a short TTL bounds staleness)."""
+    """Read-through cache of the registry for the edge and the gateway.
 
-    def __init__(self, db: Database, *, ttl_s: float = 5.0) -> None:
+    An entry lives ``ttl_s``; while ``changes`` listens, ``listening_ttl_s``: a change
+    to a tenant is pushed then, and forgets its entry (a look-up that was under way when
+    it came is not cached)."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        ttl_s: float = 5.0,
+        changes: ControlChanges | None = None,
+        listening_ttl_s: float = 300.0,
+    ) -> None:
         self._db = db
         self._ttl_s = ttl_s
+        self._changes = changes
+        self._listening_ttl_s = listening_ttl_s
         self._cache: dict[str, tuple[float, Tenant]] = {}
+        self._generation = 0  # moves on every forget
+        if changes is not None:
+            changes.subscribe(self.forget)
+
+    def forget(self, tenant_id: str | None) -> None:
+        """Drop ``tenant_id``'s entry (``None``: every entry)."""
+        self._generation += 1
+        if tenant_id is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(tenant_id, None)
 
     async def get(self, tenant_id: str) -> Tenant:
         now = time.monotonic()
         hit = self._cache.get(tenant_id)
-        if hit is not None and now - hit[0] < self._ttl_s:
+        if hit is not None and now - hit[0] < cache_ttl(
+            self._changes, self._ttl_s, self._listening_ttl_s
+        ):
             return hit[1]
+        generation = self._generation
         # one round trip (a unit of work would take three: BEGIN, SELECT, COMMIT)
         rows = await self._db.control_fetch(_SELECT + _ONE, (tenant_id,))
         tenant = _found(rows[0] if rows else None, tenant_id)
-        self._cache[tenant_id] = (now, tenant)
+        if generation == self._generation:
+            self._cache[tenant_id] = (now, tenant)
         return tenant

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, LiteralString
 
@@ -109,6 +109,7 @@ class Database:
         name: str = "app",
     ) -> None:
         self.name = name
+        self._url = url
         self._timeout_s = timeout_s
         self._pool: psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[DictRow]] = (
             psycopg_pool.AsyncConnectionPool(
@@ -140,6 +141,27 @@ class Database:
 
     async def close(self) -> None:
         await self._pool.close()
+
+    async def listen(
+        self, channel: LiteralString, *, ready: Callable[[], None] | None = None
+    ) -> AsyncGenerator[str, None]:
+        """The payloads of ``NOTIFY channel``, on a connection of its own (not the pool's);
+        ``ready`` is called once ``LISTEN`` is in effect. Raises
+        :class:`DatabaseUnavailable` when the connection cannot be made or fails."""
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                self._url,
+                autocommit=True,
+                connect_timeout=max(1, int(self._timeout_s)),
+                application_name=f"ragplane-{self.name}-listen",
+            ) as conn:
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                if ready is not None:
+                    ready()
+                async for notice in conn.notifies():
+                    yield notice.payload
+        except psycopg.Error as exc:
+            raise DatabaseUnavailable(f"{self.name} database: listening stopped: {exc}") from exc
 
     async def __aenter__(self) -> Database:
         await self.open()

@@ -9,10 +9,11 @@ Two kinds of gateway keys, sent as ``Authorization: Bearer <key>`` (OpenAI SDK) 
   create --scope gateway``); the tenant comes from the key, and an ``X-Tenant-Id``
   naming another tenant is refused.
 
-Verified keys are cached for ``edge.tenant_cache_s`` (5 s by default): a revoked key
-or a suspended tenant stops working within that time, and the hot path makes no
-database round trip. An accepted (key, ``X-Tenant-Id``) pair is remembered as a whole
-for that long, so a repeat call costs one dictionary look-up: no hashing (OpenSSL's
+Verified keys are cached: for ``edge.tenant_cache_listening_s`` while control-plane
+changes are pushed (:class:`~ragplane.control.changes.ControlChanges`: a change to a
+tenant or its keys forgets its entries at once), else for ``edge.tenant_cache_s``; the
+hot path makes no database round trip. An accepted (key, ``X-Tenant-Id``) pair is
+remembered as a whole, so a repeat call costs one dictionary look-up: no hashing (OpenSSL's
 SHA-256 showed in the gateway's profile), no registry look-up. The look-up is keyed
 by the key itself; Python's string hashing is keyed per process, so its timing tells
 an attacker nothing about how much of a guess was right.
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 from ragplane.config import Region
 from ragplane.control.apikeys import KEY_PREFIX, find_api_key
+from ragplane.control.changes import ControlChanges, cache_ttl
 from ragplane.control.tenants import Tenant, TenantRegistry
 from ragplane.data.db import Database
 from ragplane.errors import Forbidden, TenantNotFound, Unauthorized
@@ -53,14 +55,31 @@ class GatewayAuth:
         db: Database | None,
         registry: TenantRegistry | None,
         cache_s: float = 5.0,
+        changes: ControlChanges | None = None,
+        listening_cache_s: float = 300.0,
     ) -> None:
         self._service = tuple(hashlib.sha256(k.encode()).digest() for k in service_keys)
         self._db = db
         self._registry = registry
         self._cache_s = cache_s
+        self._changes = changes
+        self._listening_cache_s = listening_cache_s
         self._lookups: dict[str, asyncio.Future[Tenant]] = {}  # tenant → registry look-up
-        # (key, X-Tenant-Id, need_tenant) → (expiry, principal) of accepted calls
+        # (key, X-Tenant-Id, need_tenant) → (when, principal) of accepted calls
         self._accepted: dict[tuple[str, str | None, bool], tuple[float, GatewayPrincipal]] = {}
+        self._generation = 0  # moves on every forget
+        if changes is not None:
+            changes.subscribe(self.forget)
+
+    def forget(self, tenant_id: str | None) -> None:
+        """Drop the accepted calls of ``tenant_id`` (``None``: all of them): its registry
+        row or its keys changed."""
+        self._generation += 1
+        if tenant_id is None:
+            self._accepted.clear()
+            return
+        for cache_key in [k for k, (_, p) in self._accepted.items() if p.tenant_id == tenant_id]:
+            del self._accepted[cache_key]
 
     async def authenticate(
         self, key: str | None, tenant_header: str | None, *, need_tenant: bool = True
@@ -71,12 +90,16 @@ class GatewayAuth:
         cache_key = (key, tenant_header, need_tenant)
         hit = self._accepted.get(cache_key)
         now = time.monotonic()
-        if hit is not None and hit[0] > now:
+        if hit is not None and now - hit[0] < cache_ttl(
+            self._changes, self._cache_s, self._listening_cache_s
+        ):
             return hit[1]
+        generation = self._generation
         principal = await self._verify(key, tenant_header, need_tenant=need_tenant)
         if len(self._accepted) > 10_000:
             self._accepted.clear()
-        self._accepted[cache_key] = (now + self._cache_s, principal)
+        if generation == self._generation:  # not forgotten while it was verified
+            self._accepted[cache_key] = (now, principal)
         return principal
 
     async def _verify(

@@ -10,6 +10,7 @@ gateway`` serves it alone.
 from __future__ import annotations
 
 from ragplane.config import Settings
+from ragplane.control.changes import ControlChanges
 from ragplane.control.tenants import TenantRegistry
 from ragplane.data.db import Database
 from ragplane.gateway.app import GatewayApp
@@ -30,10 +31,18 @@ class Gateway:
         db: Database | None,
         *,
         registry: TenantRegistry | None = None,
+        changes: ControlChanges | None = None,
         transports: dict[str, Transport] | None = None,
     ) -> None:
+        """``changes``: the process's listener for control-plane changes, if it has one
+        (the platform's); without one, the gateway listens itself when it has ``db``."""
         gs = settings.gateway
+        edge = settings.edge
         self.settings = settings
+        self._own_changes = changes is None and db is not None
+        if changes is None and db is not None:
+            changes = ControlChanges(db)
+        self.changes = changes
         self.transports = transports if transports is not None else build_transports(gs)
         self.breaker, self.bulkhead, self._close_state = build_resilience(gs)
         self.ledger = LedgerSink.from_settings(db, settings) if db is not None else None
@@ -47,12 +56,27 @@ class Gateway:
         self.auth = GatewayAuth(
             service_keys=tuple(k.get_secret_value() for k in gs.service_keys),
             db=db,
-            registry=registry if registry is not None else (TenantRegistry(db) if db else None),
-            cache_s=settings.edge.tenant_cache_s,
+            registry=registry
+            if registry is not None
+            else (
+                TenantRegistry(
+                    db,
+                    ttl_s=edge.tenant_cache_s,
+                    changes=changes,
+                    listening_ttl_s=edge.tenant_cache_listening_s,
+                )
+                if db
+                else None
+            ),
+            cache_s=edge.tenant_cache_s,
+            changes=changes,
+            listening_cache_s=edge.tenant_cache_listening_s,
         )
         self.app = GatewayApp(self.router, self.auth, self.breaker)
 
     async def start(self) -> None:
+        if self._own_changes and self.changes is not None:
+            await self.changes.start()
         if self.ledger is not None:
             await self.ledger.start()
 
@@ -62,5 +86,7 @@ class Gateway:
             if self.ledger is not None:
                 await self.ledger.stop()
         finally:
+            if self._own_changes and self.changes is not None:
+                await self.changes.stop()
             await close_transports(self.transports.values())
             await self._close_state()
