@@ -13,6 +13,7 @@ connection is reset before reuse.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
@@ -147,7 +148,11 @@ class Database:
     ) -> AsyncGenerator[str, None]:
         """The payloads of ``NOTIFY channel``, on a connection of its own (not the pool's);
         ``ready`` is called once ``LISTEN`` is in effect. Raises
-        :class:`DatabaseUnavailable` when the connection cannot be made or fails."""
+        :class:`DatabaseUnavailable` when the connection cannot be made or fails.
+
+        The wait is on the socket itself: psycopg's ``notifies()`` wakes ten times a
+        second to check for interrupts, which on an idle gateway cost more CPU than its
+        requests (docs/benchmarks.md, "Session 5")."""
         try:
             async with await psycopg.AsyncConnection.connect(
                 self._url,
@@ -158,8 +163,16 @@ class Database:
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                 if ready is not None:
                     ready()
-                async for notice in conn.notifies():
-                    yield notice.payload
+                loop = asyncio.get_running_loop()
+                while True:
+                    async for notice in conn.notifies(timeout=0):  # what has arrived
+                        yield notice.payload
+                    readable = loop.create_future()
+                    loop.add_reader(conn.fileno(), _settle, readable)
+                    try:
+                        await readable  # data, or the connection's end
+                    finally:
+                        loop.remove_reader(conn.fileno())
         except psycopg.Error as exc:
             raise DatabaseUnavailable(f"{self.name} database: listening stopped: {exc}") from exc
 
@@ -275,3 +288,8 @@ class Database:
         """Raise DatabaseUnavailable unless a trivial query succeeds."""
         async with self.control() as s:
             await s.fetch_one("SELECT 1")
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
