@@ -42,6 +42,7 @@ from ragplane.errors import ConfigError
 
 __all__ = [
     "AuthSettings",
+    "ChatSettings",
     "DatabaseSettings",
     "EdgeSettings",
     "GatewaySettings",
@@ -130,12 +131,65 @@ class KnowledgeSettings(_Frozen):
         default=False,
         description="Load the embedding model when the API starts (the worker always does).",
     )
+    demo_kb: bool = Field(
+        default=False,
+        description="Load the demo knowledge base into the demo tenants' default namespace "
+        "at start (dev mode; `ragplane up` turns it on).",
+    )
     hnsw_visit_cost: float = Field(
         default=20.0,  # knowledge.search.HNSW_VISIT_COST: docs/benchmarks.md (scale)
         ge=0,
         description="Dense search reads a namespace of n chunks exactly, instead of walking "
         "the HNSW index shared with the table's N, when n^2 < hnsw_visit_cost * k * N "
         "(k candidates): a visited index tuple costs this many rows read (0: always the index).",
+    )
+
+
+class ChatSettings(_Frozen):
+    """The RAG request lifecycle (``POST /v1/chat``; docs/chat.md)."""
+
+    model_alias: str = Field(default="support-quality", description="Generates answers.")
+    gateway_url: str | None = Field(
+        default=None,
+        description="The LLM gateway's base URL (`ragplane serve gateway`); none: the "
+        "gateway in this process.",
+    )
+    gateway_key: SecretStr | None = Field(
+        default=None, description="A gateway service key (gateway.service_keys) for gateway_url."
+    )
+    rewrite_alias: str = Field(default="rewrite", description="Rewrites follow-up questions.")
+    top_k: int = Field(default=8, ge=1, le=50, description="Chunks retrieved per question.")
+    max_query_chars: int = Field(default=4000, ge=1)
+    history_turns: int = Field(default=6, ge=0, le=50, description="Session messages used.")
+    rewrite_below_score: float = Field(
+        default=0.30,
+        ge=0,
+        le=1,
+        description="Retrieval confidence (best dense cosine) under which the question is "
+        "rewritten and retrieval tried once more.",
+    )
+    cache_enabled: bool = True
+    cache_ttl_s: float = Field(default=86400.0, gt=0)
+    cache_evidence_margin: float = Field(
+        default=0.05,
+        ge=0,
+        le=2,
+        description="A near cache hit is refused when the new question's cosine to the "
+        "answer's cited chunks is this much below the cached question's.",
+    )
+    offline_similarity: float = Field(
+        default=0.80, ge=0, le=1, description="Cache threshold when every provider is down."
+    )
+    offline_banner: str = (
+        "Offline mode: the AI service cannot reach a model right now; this answer comes "
+        "from an earlier answer to a similar question."
+    )
+    eval_sample_rate: float = Field(default=0.05, ge=0, le=1)
+    events_capacity: int = Field(default=10_000, ge=1)
+    events_batch_size: int = Field(default=200, ge=1)
+    events_flush_s: float = Field(default=1.0, gt=0)
+    flags_refresh_s: float = Field(
+        default=1.0, gt=0, description="Flag re-read interval while changes are not pushed."
     )
 
 
@@ -416,6 +470,7 @@ class Settings(BaseSettings):
     edge: EdgeSettings = EdgeSettings()
     knowledge: KnowledgeSettings = KnowledgeSettings()
     worker: WorkerSettings = WorkerSettings()
+    chat: ChatSettings = ChatSettings()
     gateway: GatewaySettings = GatewaySettings()
 
     @field_validator("host")

@@ -7,9 +7,11 @@ wraps it in a FastAPI app whose lifespan starts and stops it.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
@@ -21,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ragplane import __version__
 from ragplane.config import Region, Settings
 from ragplane.control.changes import ControlChanges
+from ragplane.control.namespaces import get_namespace
 from ragplane.control.tenants import TenantRegistry, add_tenant
 from ragplane.data import Database, DatabaseUrls, EmbeddedPostgres
 from ragplane.edge.auth import (
@@ -40,14 +43,18 @@ from ragplane.errors import ConfigError, RagplaneError
 from ragplane.gateway.runtime import Gateway
 from ragplane.observe.logging import get_logger
 from ragplane.service.api import router as platform_router
+from ragplane.service.chat_api import router as chat_router
 from ragplane.service.documents import router as documents_router
 from ragplane.service.kbmodel import router as kbmodel_router
 
 if TYPE_CHECKING:
+    from ragplane.control.flags import FlagStore
     from ragplane.knowledge.embedder import LocalEmbedder
     from ragplane.knowledge.ingest import Ingestor
     from ragplane.knowledge.jobs import IngestQueue
     from ragplane.knowledge.models import EmbedderRegistry
+    from ragplane.service.chat import ChatService
+    from ragplane.service.events import EventSink
 
 __all__ = ["DEMO_TENANTS", "Platform", "create_app", "create_gateway_app", "database_urls"]
 
@@ -61,6 +68,7 @@ class DemoTenant:
     region: Region
 
 
+DEMO_KB = Path(__file__).parent / "demo" / "kb"
 DEMO_TENANTS = (
     DemoTenant("tnt_acme_eu", "Acme Europe", "eu"),
     DemoTenant("tnt_globex_us", "Globex US", "us"),
@@ -96,6 +104,11 @@ class Platform:
         self._http: httpx.AsyncClient | None = None
         self.gateway: Gateway | None = None
         self.changes: ControlChanges | None = None
+        self.chat: ChatService | None = None
+        self.events: EventSink | None = None
+        self.flags: FlagStore | None = None
+        self._gateway_http: httpx.AsyncClient | None = None
+        self._service_key = ""
 
     async def start(self) -> None:
         s = self.settings
@@ -128,9 +141,88 @@ class Platform:
             registry=registry,
             dev_mode=s.dev_mode,
         )
-        self.gateway = Gateway(s, self.db, registry=registry, changes=self.changes)
+        self._service_key = "rps_" + secrets.token_urlsafe(32)  # this process's AI service
+        self.gateway = Gateway(
+            s, self.db, registry=registry, changes=self.changes, service_keys=(self._service_key,)
+        )
         await self.gateway.start()
         await self._start_knowledge()
+        await self._start_chat()
+        if s.knowledge.demo_kb and s.dev_mode:
+            await self._seed_demo_kb()
+
+    async def _start_chat(self) -> None:
+        """The RAG lifecycle's parts: retriever, semantic cache, gateway client, sessions,
+        the request-log sink and the feature flags."""
+        from ragplane.control.flags import FlagStore
+        from ragplane.knowledge.search import Retriever
+        from ragplane.service.cache_policy import CachePolicy
+        from ragplane.service.chat import ChatService
+        from ragplane.service.events import EventSink
+        from ragplane.service.llm import GatewayClient, InProcessTransport
+        from ragplane.service.semcache import SemanticCache
+        from ragplane.service.sessions import SessionStore
+
+        assert self.db is not None
+        assert self.embedders is not None
+        assert self.gateway is not None
+        s = self.settings
+        c = s.chat
+        if c.gateway_url is not None:
+            if c.gateway_key is None:
+                raise ConfigError("chat.gateway_url is set without chat.gateway_key")
+            self._gateway_http = httpx.AsyncClient(base_url=c.gateway_url)
+            key = c.gateway_key.get_secret_value()
+        else:
+            self._gateway_http = httpx.AsyncClient(
+                transport=InProcessTransport(self.gateway.app), base_url="http://gateway"
+            )
+            key = self._service_key
+        self.events = EventSink(
+            self.db,
+            capacity=c.events_capacity,
+            batch_size=c.events_batch_size,
+            flush_interval_s=c.events_flush_s,
+        )
+        await self.events.start()
+        self.flags = FlagStore(self.db, changes=self.changes, ttl_s=c.flags_refresh_s)
+        self.chat = ChatService(
+            c,
+            s.gateway,
+            retriever=Retriever(
+                self.db, self.embedders, hnsw_visit_cost=s.knowledge.hnsw_visit_cost
+            ),
+            cache=SemanticCache(
+                self.db,
+                CachePolicy(),
+                ttl_s=c.cache_ttl_s,
+                evidence_margin=c.cache_evidence_margin,
+                offline_similarity=c.offline_similarity,
+            ),
+            llm=GatewayClient(self._gateway_http, service_key=key),
+            sessions=SessionStore(self.db, history_turns=c.history_turns),
+            events=self.events,
+            flags=self.flags,
+        )
+
+    async def _seed_demo_kb(self) -> None:
+        """The demo knowledge base (``ragplane/demo/kb``) in each demo tenant's default
+        namespace; unchanged documents write nothing, so a restart costs little."""
+        from ragplane.knowledge.folder import collect_files, ingest_files
+
+        assert self.db is not None
+        assert self.ingestor is not None
+        files, _ = collect_files(DEMO_KB)
+        for t in DEMO_TENANTS:
+            async with self.db.control() as session:
+                config = await get_namespace(session, t.id, "default")
+            report = await ingest_files(self.ingestor, config, files)
+            log.info(
+                "demo_kb_loaded",
+                tenant_id=t.id,
+                files=report.files,
+                errors=len(report.errors),
+            )
 
     async def _start_knowledge(self) -> None:
         """The embedder, the ingestor and the ingest queue.
@@ -256,6 +348,10 @@ class Platform:
                 await add_tenant(session, t.id, name=t.name, home_region=t.region, exist_ok=True)
 
     async def stop(self) -> None:
+        if self.events is not None:
+            await self.events.stop()  # drains the request log: before the database closes
+        if self._gateway_http is not None:
+            await self._gateway_http.aclose()
         if self.gateway is not None:
             await self.gateway.stop()  # drains the ledger: before the database closes
         if self.changes is not None:
@@ -314,6 +410,7 @@ def create_app(settings: Settings, *, platform: Platform | None = None) -> FastA
     app.include_router(platform_router)
     app.include_router(documents_router)
     app.include_router(kbmodel_router)
+    app.include_router(chat_router)
     app.mount("/gateway", _GatewayMount(plat))
     return app
 

@@ -135,7 +135,14 @@ def up(
     ] = True,
 ) -> None:
     """Start the whole platform in one process on embedded defaults."""
-    settings = _settings(config, host=host, port=port, data_dir=data_dir, dev_mode=dev)
+    settings = _settings(
+        config,
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        dev_mode=dev,
+        knowledge={"demo_kb": True} if dev else None,
+    )
 
     def announce(platform: Any) -> None:
         url = f"http://{settings.host}:{settings.port}"

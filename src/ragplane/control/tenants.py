@@ -8,7 +8,7 @@ open :class:`~ragplane.data.Session`; this module never opens connections.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -32,6 +32,8 @@ class Tenant:
     status: str
     kb_namespaces: tuple[str, ...]
     created_at: datetime
+    guard_policy: dict[str, Any] = field(default_factory=dict)  # GuardPolicy.from_mapping
+    output_mode: str = "stream"  # or "buffered": nothing is sent before the output guard
 
     @property
     def active(self) -> bool:
@@ -40,6 +42,7 @@ class Tenant:
 
 _SELECT = """
 SELECT t.id, t.name, t.home_region, t.data_class, t.embedding_model, t.status, t.created_at,
+       t.guard_policy, t.output_mode,
        coalesce(array_agg(n.name ORDER BY n.name) FILTER (WHERE n.name IS NOT NULL), '{}')
            AS kb_namespaces
 FROM control.tenants t

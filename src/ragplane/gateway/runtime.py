@@ -33,9 +33,12 @@ class Gateway:
         registry: TenantRegistry | None = None,
         changes: ControlChanges | None = None,
         transports: dict[str, Transport] | None = None,
+        service_keys: tuple[str, ...] = (),
     ) -> None:
         """``changes``: the process's listener for control-plane changes, if it has one
-        (the platform's); without one, the gateway listens itself when it has ``db``."""
+        (the platform's); without one, the gateway listens itself when it has ``db``.
+        ``service_keys``: accepted beside ``gateway.service_keys`` (the key the AI service
+        in the same process calls with)."""
         gs = settings.gateway
         edge = settings.edge
         self.settings = settings
@@ -54,7 +57,7 @@ class Gateway:
             ledger=self.ledger,
         )
         self.auth = GatewayAuth(
-            service_keys=tuple(k.get_secret_value() for k in gs.service_keys),
+            service_keys=tuple(k.get_secret_value() for k in gs.service_keys) + service_keys,
             db=db,
             registry=registry
             if registry is not None

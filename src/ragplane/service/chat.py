@@ -1,0 +1,644 @@
+"""The RAG request lifecycle behind ``POST /v1/chat``.
+
+:meth:`ChatService.prepare` runs what may still refuse the request with a plain HTTP
+error — the tenant's namespace, the input guard (step 2) — and :meth:`ChatService.answer`
+then yields the answer as typed events (``meta``, ``delta``, ``citations``, ``done``,
+``error``), which the API sends as SSE or gathers into one JSON body:
+
+1. tenant context: verified at the edge; the tenant's guard policy and output mode come
+   with its registry row;
+2. input guard: block (400 with a reason code), redact, or log, per the tenant's policy;
+3. semantic cache: the exact path (no embedding), then the near path, verified by the
+   cache policy and the answer's evidence (:mod:`ragplane.service.semcache`);
+4. query rewrite through the gateway's rewrite alias, only for a follow-up in a session
+   (before the cache, which then sees the standalone question) or when retrieval's best
+   match is weak; each skip is counted;
+5. hybrid retrieval (:class:`~ragplane.knowledge.search.Retriever`), with the query
+   vector the cache step already computed;
+6. context assembly under the alias's token budget (:mod:`ragplane.service.context`);
+7. generation streamed through the gateway client; the ``ai-inference-enabled`` kill
+   switch stops new generation (cache hits still serve);
+8. output guard: PII redaction on each finished sentence before it is sent (or on the
+   whole answer for a buffered tenant, who gets nothing before the guard has passed),
+   and citation verification (:mod:`ragplane.service.citations`);
+9. citations attached; the answer written back to the cache when it passed and cites;
+10. the request log and an eval sample (``chat.eval_sample_rate``) queued for the
+    :class:`~ragplane.service.events.EventSink`, never written on the stream's path.
+
+When every route of the alias is down (the gateway says ``no_healthy_route``) or the
+kill switch is off, a question the cache can answer at the offline threshold gets that
+answer in ``offline`` mode with a banner; otherwise the request fails with an error
+that names why. Every step's time is a span of the request's trace (kept on its
+request-log row); a failure after the stream started ends it with an ``error`` event.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ragplane.config import ChatSettings, GatewaySettings
+from ragplane.control.flags import AI_INFERENCE_ENABLED, FlagStore
+from ragplane.control.namespaces import NamespaceConfig
+from ragplane.control.tenants import Tenant
+from ragplane.edge.context import TenantContext
+from ragplane.errors import ApiError, BadRequest, RagplaneError
+from ragplane.knowledge.search import Retriever, SearchResult
+from ragplane.observe.logging import get_logger
+from ragplane.observe.tracecontext import TraceContext
+from ragplane.service.citations import verify_citations
+from ragplane.service.context import PROMPT_VERSION, AssembledContext, assemble, prompt_messages
+from ragplane.service.events import EvalSample, EventSink, RequestRecord
+from ragplane.service.guardrails import GuardPolicy, InputGuard, redact_pii
+from ragplane.service.llm import GatewayClient, LlmCallError, LlmDelta, LlmUsage
+from ragplane.service.semcache import CacheHit, CacheScope, SemanticCache
+from ragplane.service.sessions import SessionStore, Turn
+
+__all__ = ["ChatEvent", "ChatRequest", "ChatService", "Prepared"]
+
+log = get_logger("ragplane.chat")
+
+ChatEvent = tuple[str, dict[str, Any]]
+_OFFLINE_CODES = frozenset({"no_healthy_route", "upstream_unavailable", "gateway_unreachable"})
+# a finished sentence: its end, the markers that follow it, and the start of the next
+# (a marker may still be on its way until a character that is not one arrives)
+_SENTENCE_END = re.compile(r"(?:[.!?](?:\s*\[\d{1,3}\])*|\n)\s+(?=[^\s\[])")
+_REWRITE_PROMPT = (
+    "Rewrite the last question of this conversation as one standalone question that "
+    "needs no earlier message to be understood. Reply with the question only."
+)
+
+
+class InferenceDisabled(ApiError):
+    status_code = 503
+    code = "inference_disabled"
+
+
+class GenerationFailed(ApiError):
+    status_code = 502
+    code = "generation_failed"
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    query: str
+    kb: str = "default"
+    session_id: str | None = None
+    filters: Mapping[str, Any] | None = None
+    stream: bool = False
+    feature: str | None = None
+
+
+@dataclass
+class Trace:
+    """The request's step spans (name, start offset, duration in ms) and counters."""
+
+    begun: float = field(default_factory=time.perf_counter)
+    spans: list[dict[str, Any]] = field(default_factory=list)
+    counters: Counter[str] = field(default_factory=Counter)
+
+    @contextmanager
+    def span(self, name: str, **attributes: Any) -> Iterator[dict[str, Any]]:
+        start = time.perf_counter()
+        record: dict[str, Any] = {"name": name, "start_ms": (start - self.begun) * 1000}
+        record.update(attributes)
+        try:
+            yield record
+        finally:
+            record["ms"] = (time.perf_counter() - start) * 1000
+            self.spans.append(record)
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.begun) * 1000
+
+
+@dataclass
+class Prepared:
+    """A request that passed steps 1-2; :meth:`ChatService.answer` runs the rest."""
+
+    ctx: TenantContext
+    tenant: Tenant
+    request: ChatRequest
+    namespace: NamespaceConfig
+    query: str  # after the input guard
+    session_id: str
+    new_session: bool
+    buffered: bool
+    trace: Trace
+    traceparent: str
+    guard: GuardPolicy
+    redacted: tuple[str, ...]
+    answer: str = ""  # set once answered: what the session records
+
+
+@dataclass
+class _Outcome:
+    mode: str = "normal"
+    cache_hit: bool = False
+    outcome: str = "answered"
+    status: int = 200
+    usage: LlmUsage = field(default_factory=LlmUsage)
+    cost_usd: float = 0.0
+    answer: str = ""
+    citations: list[dict[str, Any]] = field(default_factory=list)
+    contexts: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ChatService:
+    def __init__(
+        self,
+        settings: ChatSettings,
+        gateway_settings: GatewaySettings,
+        *,
+        retriever: Retriever,
+        cache: SemanticCache,
+        llm: GatewayClient,
+        sessions: SessionStore,
+        events: EventSink,
+        flags: FlagStore,
+        guard: InputGuard | None = None,
+    ) -> None:
+        self.settings = settings
+        self._gateway = gateway_settings
+        self.retriever = retriever
+        self.cache = cache
+        self.llm = llm
+        self.sessions = sessions
+        self.events = events
+        self.flags = flags
+        self.guard = guard or InputGuard()
+        self._rng = random.Random()  # noqa: S311 -- sampling, not secrets
+        alias = gateway_settings.aliases.get(settings.model_alias)
+        if alias is None:
+            raise ValueError(f"chat.model_alias {settings.model_alias!r} is not a gateway alias")
+        models = [gateway_settings.models[r.model] for r in alias.routes]
+        # the budget every route of the alias can take
+        self.context_window = min(m.context_window for m in models)
+        self.reserved_output = min(max(m.max_output_tokens for m in models), 1024)
+
+    # -- steps 1-2 --------------------------------------------------------------------
+
+    def prepare(
+        self,
+        ctx: TenantContext,
+        tenant: Tenant,
+        request: ChatRequest,
+        namespace: NamespaceConfig,
+        trace: TraceContext,
+    ) -> Prepared:
+        t = Trace()
+        query = request.query.strip()
+        if not query:
+            raise BadRequest("the query is empty", code="empty_query")
+        if len(query) > self.settings.max_query_chars:
+            raise BadRequest(
+                f"the query has {len(query)} characters; at most "
+                f"{self.settings.max_query_chars} are allowed",
+                code="query_too_long",
+            )
+        try:
+            policy = GuardPolicy.from_mapping(tenant.guard_policy)
+        except RagplaneError as exc:
+            log.warning("guard_policy_invalid", tenant_id=tenant.id, error=str(exc))
+            policy = GuardPolicy.from_mapping(None)
+        with t.span("guard_input") as span:
+            result = self.guard.scan(query, policy)
+            span["findings"] = len(result.findings)
+        if result.blocked:
+            log.info("input_blocked", reason=result.reason, findings=len(result.findings))
+            raise BadRequest(
+                f"the request was refused by the input guard ({result.reason})",
+                code=str(result.reason),
+            )
+        new_session = request.session_id is None
+        session_id = request.session_id or str(uuid.uuid4())
+        return Prepared(
+            ctx=ctx,
+            tenant=tenant,
+            request=request,
+            namespace=namespace,
+            query=result.text,
+            session_id=session_id,
+            new_session=new_session,
+            buffered=tenant.output_mode == "buffered" or not request.stream,
+            trace=t,
+            traceparent=trace.traceparent,
+            guard=policy,
+            redacted=result.redacted,
+        )
+
+    # -- steps 3-10 -------------------------------------------------------------------
+
+    async def answer(self, p: Prepared) -> AsyncIterator[ChatEvent]:
+        out = _Outcome()
+        try:
+            async for event in self._answer(p, out):
+                yield event
+        except ApiError as exc:
+            out.outcome, out.status = exc.code, exc.status_code
+            yield "error", self._error(p, exc.code, str(exc), exc.status_code)
+        except LlmCallError as exc:
+            out.outcome, out.status = exc.code, exc.status
+            yield "error", self._error(p, exc.code, str(exc), exc.status)
+        except Exception as exc:  # the stream must end with an error event, never silently
+            log.exception("chat_failed")
+            out.outcome, out.status = "internal_error", 500
+            yield "error", self._error(p, "internal_error", f"{type(exc).__name__}: {exc}", 500)
+        finally:
+            self._record(p, out)
+
+    def _error(self, p: Prepared, code: str, message: str, status: int) -> dict[str, Any]:
+        return {"code": code, "message": message, "request_id": p.ctx.request_id, "status": status}
+
+    def _meta(self, p: Prepared, out: _Outcome) -> dict[str, Any]:
+        meta = {
+            "request_id": p.ctx.request_id,
+            "trace_id": p.ctx.trace_id,
+            "session_id": p.session_id,
+            "cache_hit": out.cache_hit,
+            "mode": out.mode,
+            "model_alias": self.settings.model_alias,
+        }
+        if out.mode == "offline":
+            meta["banner"] = self.settings.offline_banner
+        return meta
+
+    async def _answer(self, p: Prepared, out: _Outcome) -> AsyncIterator[ChatEvent]:
+        s = self.settings
+        t = p.trace
+        tenant_id = p.ctx.tenant_id
+        query = p.query
+        history: list[Turn] = []
+        if p.request.session_id is not None and s.history_turns:
+            with t.span("session"):
+                history = await self.sessions.history(tenant_id, p.session_id)
+        rewritten = False
+        if history:
+            query = await self._rewrite(p, query, history, reason="follow_up")
+            rewritten = True
+        else:
+            t.counters["rewrite_skipped"] += 1
+        scope = CacheScope(s.model_alias, p.namespace.name, PROMPT_VERSION, p.request.filters)
+        model = p.namespace.embedding_model
+        vector: npt.NDArray[np.float32] | None = None
+        if s.cache_enabled:
+            with t.span("cache_exact") as span:
+                hit = await self.cache.exact(tenant_id, scope, query)
+                span["hit"] = hit is not None
+            if hit is None:
+                vector = await self._embed(t, query, model)
+                with t.span("cache_near") as span:
+                    hit, reason = await self.cache.near(tenant_id, scope, query, vector, model)
+                    span["hit"] = hit is not None
+                    span["reason"] = reason
+            if hit is not None:
+                async for event in self._serve_cached(p, out, hit, mode="normal"):
+                    yield event
+                return
+        with t.span("flags"):
+            inference_on = await self.flags.is_on(AI_INFERENCE_ENABLED, tenant_id)
+        if not inference_on:
+            t.counters["kill_switch"] += 1
+            async for event in self._offline(
+                p,
+                out,
+                query,
+                vector,
+                scope,
+                InferenceDisabled(
+                    "new inference is switched off (ai-inference-enabled); only cached answers "
+                    "are served"
+                ),
+            ):
+                yield event
+            return
+        if vector is None:
+            vector = await self._embed(t, query, model)
+        found = await self._retrieve(p, query, vector)
+        if not rewritten and self._weak(found):
+            better = await self._rewrite(p, query, [], reason="low_confidence")
+            if better != query:
+                query, rewritten = better, True
+                found = await self._retrieve(p, query, None)
+        elif not rewritten:
+            t.counters["rewrite_skipped"] += 1
+        with t.span("assemble") as span:
+            context = assemble(
+                found.chunks,
+                query,
+                context_window=self.context_window,
+                reserved_output=self.reserved_output,
+                history=[{"role": h.role, "content": h.content} for h in history],
+            )
+            span["passages"] = len(context.passages)
+            span["tokens"] = context.tokens
+        t.counters["context_duplicates"] += context.skipped_duplicates
+        t.counters["context_over_budget"] += context.skipped_over_budget
+        messages = prompt_messages(
+            context, query, [{"role": h.role, "content": h.content} for h in history]
+        )
+        out.contexts = [
+            {"marker": x.marker, "chunk_id": x.chunk.chunk_id, "text": x.chunk.text}
+            for x in context.passages
+        ]
+        async for event in self._generate(
+            p, out, messages, context, query, vector, scope, found.kb_version
+        ):
+            yield event
+
+    async def _embed(self, t: Trace, query: str, model: str) -> npt.NDArray[np.float32]:
+        with t.span("embed"):
+            return await self.retriever.embed_query(query, model)
+
+    async def _retrieve(
+        self, p: Prepared, query: str, vector: npt.NDArray[np.float32] | None
+    ) -> SearchResult:
+        with p.trace.span("retrieve") as span:
+            found = await self.retriever.search(
+                p.namespace,
+                query,
+                top_k=self.settings.top_k,
+                filters=p.request.filters,
+                query_vector=vector,
+            )
+            span["chunks"] = len(found.chunks)
+        return found
+
+    def _weak(self, found: SearchResult) -> bool:
+        best = max((c.dense_score or 0.0 for c in found.chunks), default=0.0)
+        return best < self.settings.rewrite_below_score
+
+    async def _rewrite(self, p: Prepared, query: str, history: list[Turn], *, reason: str) -> str:
+        """A standalone question from the gateway's rewrite alias; if its answer is not a
+        usable question, the last user question and this one together (counted)."""
+        t = p.trace
+        t.counters[f"rewrite_{reason}"] += 1
+        transcript = "\n".join(f"{h.role}: {h.content}" for h in history)
+        messages = [
+            {"role": "system", "content": _REWRITE_PROMPT},
+            {"role": "user", "content": f"{transcript}\nuser: {query}" if transcript else query},
+        ]
+        with t.span("rewrite", reason=reason) as span:
+            try:
+                text, _ = await self.llm.complete(
+                    self.settings.rewrite_alias,
+                    messages,
+                    tenant_id=p.ctx.tenant_id,
+                    request_id=p.ctx.request_id,
+                    traceparent=p.traceparent,
+                    feature="rewrite",
+                    max_tokens=96,
+                )
+            except LlmCallError as exc:
+                log.warning("rewrite_failed", code=exc.code)
+                text = ""
+            text = text.strip()
+            usable = 0 < len(text) <= max(300, 3 * len(query)) and "could not find" not in text
+            span["fallback"] = not usable
+        if usable:
+            return text
+        t.counters["rewrite_fallback"] += 1
+        last_user = next((h.content for h in reversed(history) if h.role == "user"), "")
+        return f"{last_user} {query}".strip() if last_user else query
+
+    async def _serve_cached(
+        self, p: Prepared, out: _Outcome, hit: CacheHit, *, mode: str
+    ) -> AsyncIterator[ChatEvent]:
+        out.cache_hit, out.mode = True, mode
+        out.answer, out.citations = hit.answer, hit.citations
+        p.trace.counters[f"cache_{hit.reason}"] += 1
+        yield "meta", self._meta(p, out)
+        yield "delta", {"text": hit.answer}
+        yield "citations", {"citations": hit.citations, "dropped": 0}
+        yield "done", self._done(p, out)
+
+    async def _offline(
+        self,
+        p: Prepared,
+        out: _Outcome,
+        query: str,
+        vector: npt.NDArray[np.float32] | None,
+        scope: CacheScope,
+        error: ApiError | LlmCallError,
+    ) -> AsyncIterator[ChatEvent]:
+        """Answer from the cache at the offline threshold, or fail with ``error``."""
+        if self.settings.cache_enabled:
+            model = p.namespace.embedding_model
+            if vector is None:
+                vector = await self._embed(p.trace, query, model)
+            with p.trace.span("cache_offline") as span:
+                hit, _ = await self.cache.near(
+                    p.ctx.tenant_id, scope, query, vector, model, offline=True
+                )
+                span["hit"] = hit is not None
+            if hit is not None:
+                async for event in self._serve_cached(p, out, hit, mode="offline"):
+                    yield event
+                return
+        raise error
+
+    async def _generate(
+        self,
+        p: Prepared,
+        out: _Outcome,
+        messages: list[dict[str, str]],
+        context: AssembledContext,
+        query: str,
+        vector: npt.NDArray[np.float32],
+        scope: CacheScope,
+        kb_version: int,
+    ) -> AsyncIterator[ChatEvent]:
+        t = p.trace
+        parts: list[str] = []
+        pending = ""
+        sent_meta = False
+        usage = LlmUsage()
+        span = None
+        try:
+            with t.span("generate") as span:
+                stream = self.llm.stream(
+                    self.settings.model_alias,
+                    messages,
+                    tenant_id=p.ctx.tenant_id,
+                    request_id=p.ctx.request_id,
+                    traceparent=p.traceparent,
+                    feature=p.request.feature,
+                    max_tokens=self.reserved_output,
+                )
+                async for piece in stream:
+                    if isinstance(piece, LlmUsage):
+                        usage = piece
+                        continue
+                    assert isinstance(piece, LlmDelta)
+                    if "ttft_ms" not in span:
+                        span["ttft_ms"] = (time.perf_counter() - t.begun) * 1000 - span["start_ms"]
+                    parts.append(piece.text)
+                    if p.buffered:
+                        continue
+                    if not sent_meta:
+                        sent_meta = True
+                        yield "meta", self._meta(p, out)
+                    pending += piece.text
+                    ready, pending = _split_finished(pending)
+                    if ready:
+                        with t.span("guard_output_segment"):
+                            yield "delta", {"text": redact_pii(ready, p.guard).text}
+        except LlmCallError as exc:
+            if exc.started or exc.code not in _OFFLINE_CODES:
+                raise
+            t.counters["offline_fallback"] += 1
+            async for event in self._offline(p, out, query, vector, scope, exc):
+                yield event
+            return
+        out.usage = usage
+        out.cost_usd = self._cost(usage)
+        with t.span("guard_output") as gspan:
+            guarded = redact_pii("".join(parts), p.guard)
+            verified = verify_citations(guarded.text, context)
+            gspan["redacted"] = list(guarded.redacted)
+            gspan["citations"] = len(verified.citations)
+            gspan["dropped"] = verified.dropped
+        t.counters["citations_dropped"] += verified.dropped
+        out.answer = verified.text
+        # the quotes are the sources' words: the output guard covers them too
+        out.citations = [
+            c.as_dict() | {"quote": redact_pii(c.quote, p.guard).text} for c in verified.citations
+        ]
+        if p.buffered:
+            yield "meta", self._meta(p, out)
+            yield "delta", {"text": out.answer}
+        else:
+            if not sent_meta:
+                yield "meta", self._meta(p, out)
+            if pending:
+                yield "delta", {"text": redact_pii(pending, p.guard).text}
+        yield "citations", {"citations": out.citations, "dropped": verified.dropped}
+        if self.settings.cache_enabled and out.citations:
+            # before "done": a client that asks again once it has the answer finds it
+            await self._write_back(p, scope, query, vector, kb_version, out)
+        yield "done", self._done(p, out)
+
+    async def _write_back(
+        self,
+        p: Prepared,
+        scope: CacheScope,
+        query: str,
+        vector: npt.NDArray[np.float32],
+        kb_version: int,
+        out: _Outcome,
+    ) -> None:
+        with p.trace.span("cache_write"):
+            try:
+                await self.cache.store(
+                    p.ctx.tenant_id,
+                    scope,
+                    query=query,
+                    vector=vector,
+                    embedding_model=p.namespace.embedding_model,
+                    kb_version=kb_version,
+                    answer=out.answer,
+                    citations=out.citations,
+                    usage={
+                        "input_tokens": out.usage.input_tokens,
+                        "output_tokens": out.usage.output_tokens,
+                    },
+                )
+            except RagplaneError as exc:  # the answer stands; the cache will miss
+                log.warning("cache_write_failed", error=str(exc))
+
+    def _cost(self, usage: LlmUsage) -> float:
+        for model in self._gateway.models.values():
+            if model.upstream == usage.model:
+                return (
+                    usage.input_tokens * model.input_per_mtok
+                    + usage.output_tokens * model.output_per_mtok
+                ) / 1e6
+        return 0.0
+
+    def _done(self, p: Prepared, out: _Outcome) -> dict[str, Any]:
+        return {
+            "usage": {
+                "input_tokens": out.usage.input_tokens,
+                "output_tokens": out.usage.output_tokens,
+                "cost_usd": round(out.cost_usd, 9),
+            },
+            "cache_hit": out.cache_hit,
+            "mode": out.mode,
+            "latency_ms": round(p.trace.elapsed_ms(), 2),
+        }
+
+    def _record(self, p: Prepared, out: _Outcome) -> None:
+        """Step 10: queue the request log (and an eval sample); session turns are written
+        by :meth:`remember` once the response is done."""
+        sample = None
+        if (
+            out.outcome == "answered"
+            and not out.cache_hit
+            and self._rng.random() < self.settings.eval_sample_rate
+        ):
+            sample = EvalSample(
+                p.ctx.tenant_id,
+                p.ctx.request_id,
+                p.query,
+                out.answer,
+                out.contexts,
+                out.citations,
+            )
+        self.events.submit(
+            RequestRecord(
+                tenant_id=p.ctx.tenant_id,
+                request_id=p.ctx.request_id,
+                trace_id=p.ctx.trace_id,
+                route="/v1/chat",
+                status=out.status,
+                latency_ms=p.trace.elapsed_ms(),
+                session_id=p.session_id,
+                namespace=p.namespace.name,
+                model_alias=self.settings.model_alias,
+                mode=out.mode,
+                cache_hit=out.cache_hit,
+                outcome=out.outcome,
+                input_tokens=out.usage.input_tokens,
+                output_tokens=out.usage.output_tokens,
+                cost_usd=out.cost_usd,
+                spans=p.trace.spans,
+                counters=dict(p.trace.counters),
+            ),
+            sample,
+        )
+        p.answer = out.answer if out.outcome == "answered" else ""
+
+    async def remember(self, p: Prepared) -> None:
+        """Append the question and the answer to the session (after the response)."""
+        if not p.answer:
+            return
+        try:
+            await self.sessions.append(
+                p.ctx.tenant_id,
+                p.session_id,
+                p.namespace.name,
+                p.ctx.subject,
+                [Turn("user", p.query), Turn("assistant", p.answer)],
+            )
+        except RagplaneError as exc:
+            log.warning("session_write_failed", error=str(exc))
+
+
+def _split_finished(text: str) -> tuple[str, str]:
+    """``text`` cut after its last finished sentence (and the markers that follow it)."""
+    last = None
+    for m in _SENTENCE_END.finditer(text):
+        last = m
+    if last is None:
+        return "", text
+    return text[: last.end()], text[last.end() :]
