@@ -346,3 +346,75 @@ def _print_gateway_report(report: dict[str, Any]) -> None:
     for t in report["targets"]:
         verdict = {True: "[green]met[/]", False: "[red]not met[/]", None: "n/a"}[t["met"]]
         out.print(f"{t['goal']}: {verdict} ({t['measured']})", highlight=False)
+
+
+@bench_app.command("cache")
+def bench_cache(
+    pairs: Annotated[
+        Path | None, typer.Option(help="JSON-lines pairs (default: fow-cache's 600).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Semantic-cache hit policy: false hits and recall of plain cosine thresholds and of
+    ragplane's CachePolicy, overall, per category and on two halves of the pairs.
+
+    Embeds every question once, in memory, with the bundled all-MiniLM-L6-v2.
+    """
+    import asyncio
+    import json
+
+    from ragplane.evals.bench_cache import load_pairs, run_cache_bench
+    from ragplane.knowledge.embedder import LocalEmbedder
+
+    data = load_pairs(pairs)
+    result = asyncio.run(
+        run_cache_bench(data, LocalEmbedder(), progress=lambda msg: err.print(f"[dim]{msg}…[/]"))
+    )
+    report = result.as_json()
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    methods = report["methods"]
+    table = Table(
+        "method",
+        "hits",
+        "false hits",
+        "precision",
+        "recall",
+        "half 0 P / R",
+        "half 1 P / R",
+        title=f"{result.pairs} pairs ({methods['ragplane policy']['should_hit']} should hit)",
+    )
+    for name, m in methods.items():
+        halves = [f"{f['precision']:.3f} / {f['recall']:.3f}" for f in m["folds"]]
+        table.add_row(
+            name,
+            str(m["hits"]),
+            str(m["false_hits"]),
+            f"{m['precision']:.3f}",
+            f"{m['recall']:.3f}",
+            *halves,
+        )
+    out.print(table)
+    per = Table(
+        "category", *methods, title="per category: recall (should hit) / false hits (traps)"
+    )
+    for category, policy_score in methods["ragplane policy"]["by_category"].items():
+        trap = policy_score["should_hit"] == 0
+        cells = []
+        for m in methods.values():
+            s = m["by_category"][category]
+            cells.append(f"{s['false_hits']} of {s['pairs']}" if trap else f"{s['recall']:.3f}")
+        per.add_row(f"{category} ({'trap' if trap else 'hit'})", *cells)
+    out.print(per)
+    for fold in report["two_fold"]:
+        held = fold["held_out"]
+        out.print(
+            f"paraphrase_similarity tuned on half {fold['tuned_on_fold']}: "
+            f"{fold['paraphrase_similarity']:.2f} -> other half: {held['hits']} hits, "
+            f"{held['false_hits']} false, precision {held['precision']:.3f}, "
+            f"recall {held['recall']:.3f}",
+            highlight=False,
+        )
+    v = report["verify_us"]
+    out.print(f"verify(): p50 {v['p50']} µs, p95 {v['p95']} µs, max {v['max']} µs", highlight=False)
