@@ -22,6 +22,7 @@ measured with ``time.perf_counter``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import random
@@ -31,6 +32,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ __all__ = [
     "load_injection_corpus",
     "load_presidio_templates",
     "run_guard_bench",
+    "split_of",
 ]
 
 INJECTION_TARGET_RECALL = 0.8
@@ -62,6 +65,7 @@ STRUCTURED_PLACEHOLDERS = {
     "phone_number": "phone",
     "ssn": "national_id",
 }
+_EPOCH, _LATEST = datetime(1950, 1, 1), datetime(2020, 12, 31)
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
@@ -120,7 +124,11 @@ def load_presidio_templates(path: Path | None = None) -> list[str]:
     if path is None:
         path = _package_dir("presidio_evaluator") / "data_generator/raw_data/templates.txt"
     text = path.read_text(encoding="utf-8", errors="replace")
-    return [line.replace("\\n", "\n").strip() for line in text.splitlines() if line.strip()]
+    return [
+        line.replace("\\n", "\n").replace("\\,", ",").strip()
+        for line in text.splitlines()
+        if line.strip()
+    ]
 
 
 def _uk_nino(rng: random.Random) -> str:
@@ -136,14 +144,9 @@ def _uk_nino(rng: random.Random) -> str:
 def _national_id(fakers: dict[str, Any], locale: str, rng: random.Random) -> tuple[str, str]:
     """A national id for ``{{ssn}}``: the locale's own where this module supports it."""
     if locale == "es_ES":
-        return (
-            (fakers[locale].nif(), "es_dni")
-            if rng.random() < 0.5
-            else (
-                fakers[locale].nie(),
-                "es_nie",
-            )
-        )
+        if rng.random() < 0.5:
+            return fakers[locale].nif(), "es_dni"
+        return fakers[locale].nie(), "es_nie"
     if locale == "fr_FR":
         return fakers[locale].ssn(), "fr_nir"
     if locale == "en_GB":
@@ -159,6 +162,19 @@ def fill_templates(
     seed: int = 5,
 ) -> list[PiiSentence]:
     """Every template filled ``repeats`` times per locale by faker (seeded)."""
+    # faker's es_ES nif()/nie() draw from the module-level random: seed it for the fill,
+    # then put it back (it_IT city names still vary with the hash seed; free text only)
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        return _fill(templates, locales, repeats, seed)
+    finally:
+        random.setstate(state)
+
+
+def _fill(
+    templates: Sequence[str], locales: Sequence[str], repeats: int, seed: int
+) -> list[PiiSentence]:
     from faker import Faker
 
     fakers: dict[str, Any] = {}
@@ -194,6 +210,14 @@ def fill_templates(
                         value, detail = _national_id(fakers, locale, rng)
                     elif name == "age":
                         value = str(rng.randint(18, 90))
+                    elif name in ("date_time", "date_of_birth", "year"):
+                        # fixed bounds: faker's defaults are relative to today
+                        moment = fake.date_time_between(_EPOCH, _LATEST)
+                        value = {
+                            "date_time": moment.strftime("%Y-%m-%d %H:%M:%S"),
+                            "date_of_birth": moment.strftime("%Y-%m-%d"),
+                            "year": str(moment.year),
+                        }[name]
                     elif name == "us_driver_license":
                         value = fake.bothify("?#######").upper()
                     else:
@@ -209,6 +233,11 @@ def fill_templates(
                 parts.append(template[pos:])
                 sentences.append(PiiSentence("".join(parts), tuple(spans)))
     return sentences
+
+
+def split_of(row_id: str) -> str:
+    """A fixed half of the corpus ("dev") may be read to improve the rules; the rest not."""
+    return "dev" if hashlib.sha256(row_id.encode()).digest()[0] % 2 == 0 else "holdout"
 
 
 def _percentile(sorted_ms: Sequence[float], q: float) -> float:
@@ -251,7 +280,8 @@ def run_guard_bench(
     missed: list[str] = []
     for row in injections:
         found = any(f.kind == "prompt_injection" for f in scan(row.text).findings)
-        for bucket in (per_category[row.category], per_label[row.label]):
+        split = per_label[f"{split_of(row.id)}:{row.label}"]
+        for bucket in (per_category[row.category], per_label[row.label], split):
             bucket["rows"] += 1
             bucket["flagged"] += found
         if found != (row.label == "malicious"):
@@ -266,6 +296,21 @@ def run_guard_bench(
         "malicious_rows": malicious["rows"],
         "benign_rows": benign["rows"],
         "threshold": policy.injection_threshold,
+        # rules were refined looking only at "dev" rows; "holdout" rows were never read
+        "splits": {
+            name: {
+                "recall": _rate(
+                    per_label[f"{name}:malicious"]["flagged"],
+                    per_label[f"{name}:malicious"]["rows"],
+                ),
+                "fpr": _rate(
+                    per_label[f"{name}:benign"]["flagged"], per_label[f"{name}:benign"]["rows"]
+                ),
+                "malicious_rows": per_label[f"{name}:malicious"]["rows"],
+                "benign_rows": per_label[f"{name}:benign"]["rows"],
+            }
+            for name in ("dev", "holdout")
+        },
         "categories": {
             cat: {
                 "rows": c["rows"],

@@ -37,6 +37,7 @@ import binascii
 import codecs
 import re
 import unicodedata
+import urllib.parse
 from dataclasses import dataclass
 
 __all__ = ["HeuristicInjectionClassifier", "InjectionEvidence"]
@@ -67,7 +68,7 @@ _QUALIFIER_EN = r"(?:previous|prior|above|earlier|preceding|initial|original|old
 # (name, weight, pattern)
 _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
-        "override",
+        "override.verb_instructions",
         0.75,
         _rx(
             r"\b(?:ignore|disregard|forget|bypass|override|overrule|skip|neglect|abandon|"
@@ -81,7 +82,7 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         ),
     ),
     (
-        "override",
+        "override.everything_above",
         0.7,
         _rx(
             r"\b(?:ignore|disregard|forget)\s+(?:all\s+|everything\s+)?(?:(?:that\s+)?(?:was\s+)?"
@@ -90,7 +91,7 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         ),
     ),
     (
-        "override",
+        "override.new_instructions",
         0.45,
         _rx(
             r"(?:\bnew|\bupdated|\breal|\btrue|\bactual|\bsecret|\bhidden|\boverriding|"
@@ -99,16 +100,19 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         ),
     ),
     (
-        "override",
+        "override.from_now_on",
         0.35,
         _rx(
-            r"\bfrom\s+now\s+on\b.{0,40}\b(?:you|your)\b|\binstead\s*,?\s+(?:you\s+(?:must|"
+            r"\b(?:from\s+now\s+on|from\s+this\s+point\s+(?:forward|on)|henceforth|going\s+"
+            r"forward|ab\s+(?:jetzt|sofort)|désormais|à\s+partir\s+de\s+maintenant|a\s+partir\s+"
+            r"de\s+ahora|(?:d'|da\s+)ora\s+in\s+poi)\b.{0,40}\b(?:you|your|du|dein\w*|tu|"
+            r"vous|t[eu]s?)\b|\binstead\s*,?\s+(?:you\s+(?:must|"
             r"will|should)|(?:only\s+)?(?:reply|respond|answer|say|output|print|write))\b"
         ),
     ),
     # German, French, Spanish, Italian: verb … instruction noun
     (
-        "override",
+        "override.multilingual",
         0.75,
         _rx(
             r"\b(?:ignorier\w*|vergiss|vergessen\s+sie|missachte\w*|übergeh\w*|verwirf|"
@@ -121,7 +125,7 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         ),
     ),
     (
-        "persona",
+        "persona.you_are_now",
         0.45,
         _rx(
             r"\byou\s+are\s+(?:now|no\s+longer)\b|\bfrom\s+now\s+on\s+you\s+(?:are|will\s+be|"
@@ -130,7 +134,7 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         ),
     ),
     (
-        "persona",
+        "persona.unrestricted",
         0.7,
         _rx(
             r"\b(?:act|acting|behave|respond|answer|operate|pretend|roleplay|role-play|play|"
@@ -138,21 +142,21 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
             r"free\s+(?:of|from)|zero|any)\s+(?:any\s+|all\s+|the\s+|your\s+)?(?:ethical\s+|"
             r"moral\s+|content\s+|safety\s+)?(?:restrictions?|limits|limitations|filters?|"
             r"filtering|censorship|guidelines|rules|boundaries|morals?|ethics|guardrails|"
-            r"policies)|unrestricted|unfiltered|uncensored|unbound|unlimited|jailbroken|"
+            r"polic(?:y|ies))|unrestricted|unfiltered|uncensored|unbound|unlimited|jailbroken|"
             r"unaligned|amoral)\b"
         ),
     ),
     (
-        "persona",
+        "persona.named_mode",
         0.6,
         _rx(
-            r"\b(?:DAN|do\s+anything\s+now|developer\s+mode|dev\s+mode|god\s+mode|jailbreak(?:"
+            r"\b(?:(?-i:DAN)|do\s+anything\s+now|developer\s+mode|dev\s+mode|god\s+mode|jailbreak(?:"
             r"ed)?\s+mode|sudo\s+mode|admin\s+mode|debug\s+mode|unrestricted\s+mode|"
             r"evil\s+(?:mode|twin|assistant|ai|bot))\b(?!\s+(?:is|was)\s+a\s+(?:name|film))"
         ),
     ),
     (
-        "persona",
+        "persona.unbound",
         0.5,
         _rx(
             r"\b(?:not|no\s+longer|never)\s+(?:bound|restricted|limited|constrained|governed)\s+"
@@ -162,12 +166,12 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         ),
     ),
     (
-        "exfiltration",
+        "exfiltration.system_prompt",
         0.7,
         _rx(
             r"\b(?:reveal|show|print|repeat|output|display|tell|disclose|leak|dump|share|give|"
             r"list|recite|copy|paste|write\s+out|spell\s+out|return|echo|expose|provide|send)"
-            r"\b(?:\s+[\w'\u2019-]+){0,4}?\s+(?:(?:your|the|its|my)\s+)?(?:(?:full|entire|whole|"
+            r"(?:s|ing|ed)?\b(?:\s+[\w'\u2019-]+){0,4}?\s+(?:(?:your|the|its|my)\s+)?(?:(?:full|entire|whole|"
             r"complete|exact|original|initial|hidden|secret|internal|confidential|private|"
             r"underlying|previous)\s+)*(?:system\s*(?:prompt|message|instructions?)|"
             r"(?:initial|original|hidden|secret|internal|developer|pre-?prompt)\s+"
@@ -175,7 +179,7 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         ),
     ),
     (
-        "exfiltration",
+        "exfiltration.your_secrets",
         0.55,
         _rx(
             r"\b(?:reveal|show|print|repeat|output|display|tell|disclose|leak|dump|share|give|"
@@ -185,7 +189,7 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         ),
     ),
     (
-        "exfiltration",
+        "exfiltration.text_above",
         0.45,
         _rx(
             r"\b(?:everything|all(?:\s+the)?\s+text|the\s+text|all\s+instructions|words)\s+"
@@ -195,24 +199,26 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         ),
     ),
     (
-        "exfiltration",
+        "exfiltration.send_data",
         0.6,
         _rx(
             r"\b(?:send|forward|post|upload|exfiltrate|transmit|email|e-mail|leak|copy|append|"
-            r"include|embed)\b.{0,60}?\b(?:conversation|chat\s+history|history|messages|"
-            r"credentials|api\s+keys?|tokens?|passwords?|secrets?|session|cookies?|user\s+data|"
-            r"personal\s+data|environment\s+variables|memory|context)\b.{0,60}?\b(?:to|into|"
+            r"include|embed|collect|gather|export)\b.{0,60}?\b(?:conversation|chat\s+history|"
+            r"history|messages|credentials|api\s+keys?|tokens?|passwords?|secrets?|session|"
+            r"cookies?|(?:user|customer|client|personal|patient|employee)s?(?:'s)?\s+(?:data|"
+            r"list|emails|records|details|information|database)|environment\s+variables|"
+            r"memory|context|database)\b.{0,60}?\b(?:to|into|"
             r"at)\s+(?:https?://|www\.|[\w.+-]+@[\w-]+\.|(?:this|the\s+following|my|an?)\s+"
             r"(?:url|link|address|endpoint|server|webhook|email))"
         ),
     ),
     (
-        "exfiltration",
+        "exfiltration.markdown_image",
         0.5,
         _rx(r"!\[[^\]]*\]\(https?://[^)\s]+\?[^)\s]*=(?:\{|\[|%7B|<|\$)"),
     ),
     (
-        "exfiltration",
+        "exfiltration.multilingual",
         0.7,
         _rx(
             r"\b(?:zeig\w*|gib|verrat\w*|nenn\w*|wiederhol\w*|révèle[rz]?|montre[rz]?|"
@@ -225,7 +231,7 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         ),
     ),
     (
-        "delimiter",
+        "delimiter.role_tag",
         0.6,
         _rx(
             r"</?\s*(?:system|assistant|sys|instructions?|admin|developer|im_start|im_end|"
@@ -235,7 +241,7 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         ),
     ),
     (
-        "delimiter",
+        "delimiter.role_header",
         0.45,
         _rx(
             r"^\s*(?:#{2,}|={3,}|-{3,}|\*{3,})\s*(?:new\s+|updated\s+)?(?:system|admin|"
@@ -244,7 +250,7 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         ),
     ),
     (
-        "delimiter",
+        "delimiter.fake_boundary",
         0.4,
         _rx(
             r"\b(?:end|close|stop)\s+of\s+(?:the\s+)?(?:user\s+input|document|context|"
@@ -254,7 +260,7 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         ),
     ),
     (
-        "indirect",
+        "indirect.addresses_ai",
         0.55,
         _rx(
             r"\b(?:ai|a\.i\.|assistant|llm|chatbot|chat\s*bot|language\s+model|model|agent|"
@@ -269,7 +275,7 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         ),
     ),
     (
-        "indirect",
+        "indirect.hide_from_user",
         0.5,
         _rx(
             r"\b(?:do\s+not|don'?t|never|without)\s+(?:tell(?:ing)?|inform(?:ing)?|mention(?:"
@@ -279,7 +285,7 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         ),
     ),
     (
-        "indirect",
+        "indirect.tool_call",
         0.35,
         _rx(
             r"\b(?:call|invoke|use|run|execute|trigger)\s+(?:the\s+)?[\w.-]+\s+(?:tool|"
@@ -288,12 +294,302 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         ),
     ),
     (
-        "indirect",
+        "indirect.while_processing",
         0.3,
         _rx(
             r"\b(?:when|while|after|before)\s+(?:you\s+)?(?:summari[sz]ing|summari[sz]e|"
             r"processing|reading|answering|translating)\b.{0,60}\b(?:you\s+must|always|also|"
             r"instead|make\s+sure\s+to|be\s+sure\s+to)\b"
+        ),
+    ),
+    (
+        "override.instructions_void",
+        0.7,
+        _rx(
+            r"\b(?:previous|prior|above|earlier|original|old|initial|all|your|system|existing)\s+"
+            r"(?:instructions|rules|guidelines|prompts?|directives|restrictions|constraints|"
+            r"policies)\s+(?:are|is|have\s+been|were|has\s+been)\s+(?:now\s+)?(?:void|cancell?ed|"
+            r"revoked|obsolete|outdated|superseded|suspended|lifted|removed|disabled|invalid|"
+            r"deprecated|null|no\s+longer\s+(?:valid|apply|applicable|in\s+effect|relevant|active))"
+        ),
+    ),
+    (
+        "override.supersedes",
+        0.55,
+        _rx(
+            r"\b(?:this|these|the\s+following|my|new)\s+(?:instructions?|messages?|directives?|"
+            r"commands?|rules?|prompt)\s+(?:supersedes?|overrides?|takes?\s+precedence|"
+            r"replaces?|has\s+priority|have\s+priority)\b"
+        ),
+    ),
+    (
+        "override.new_task",
+        0.5,
+        _rx(
+            r"\byour\s+(?:new|real|true|only|actual|updated|primary)\s+(?:task|goal|purpose|job|"
+            r"instructions?|objective|role|mission|directive|orders)\s+(?:is|are|will\s+be|:|now)"
+        ),
+    ),
+    (
+        "override.authority",
+        0.4,
+        _rx(
+            r"\b(?:system|admin(?:istrator)?|developer|security|root|emergency|maintenance)\s+"
+            r"(?:override|update|alert|notice|mode|command|message|instruction|access)\b\s*[:!\-]|"
+            r"\b(?:i\s+am|this\s+is)\s+(?:your|the|an?)\s+(?:developer|creator|administrator|"
+            r"admin|owner|operator|system\s+administrator)\b|\bauthori[sz]ation\s+(?:code|"
+            r"level)\b"
+        ),
+    ),
+    (
+        "override.disable_safety",
+        0.7,
+        _rx(
+            r"\b(?:disable|turn\s+off|switch\s+off|deactivate|remove|bypass|circumvent|evade|"
+            r"lift|suspend|ignore)\s+(?:all\s+|any\s+|your\s+|the\s+|its\s+)*(?:safety|"
+            r"content|ethical|moral|security)?\s*(?:filters?|filtering|guardrails?|safeguards?|"
+            r"restrictions?|alignment|censorship|moderation|safety\s+(?:checks?|measures?|"
+            r"protocols?|features?))\b"
+        ),
+    ),
+    (
+        "override.multilingual_new",
+        0.45,
+        _rx(
+            r"\b(?:neue|nouvelles?|nuevas?|nuove|nuova)\s+(?:anweisungen?|instructions?|consignes?|"
+            r"instrucciones|istruzioni|regeln|règles|reglas|regole)\s*:"
+        ),
+    ),
+    (
+        "persona.pretend",
+        0.3,
+        _rx(
+            r"\bpretend\s+(?:that\s+)?you\s+(?:are|have|can|were|don'?t)\b|\bstay\s+in\s+"
+            r"character\b|\b(?:imagine|suppose)\s+you\s+(?:are|were|had)\s+(?:an?\s+)?(?:ai|"
+            r"assistant|model|chatbot)\b|\bcan\s+do\s+anything\b"
+        ),
+    ),
+    (
+        "persona.never_refuse",
+        0.45,
+        _rx(
+            r"\b(?:never|don'?t|do\s+not|cannot|can'?t|won'?t|will\s+not|must\s+not)\s+"
+            r"(?:ever\s+)?(?:refuse|decline|say\s+no|reject\s+(?:a|any)\s+request|"
+            r"add\s+(?:any\s+)?(?:warnings|disclaimers))\b|\bwithout\s+(?:any\s+)?"
+            r"(?:warnings|disclaimers|refusals?|moral(?:izing)?|lecturing)\b"
+        ),
+    ),
+    (
+        "persona.dual_answer",
+        0.45,
+        _rx(
+            r"\b(?:two|both|dual)\s+(?:responses|answers|replies)\b.{0,80}\b(?:jailbroken|"
+            r"unfiltered|unrestricted|uncensored|dan|evil|developer\s+mode)\b|\b(?:opposite|"
+            r"anti|evil|shadow|dark)[\s-]?(?:gpt|ai|assistant|mode|version\s+of\s+you)\b"
+        ),
+    ),
+    (
+        "persona.multilingual",
+        0.5,
+        _rx(
+            r"\b(?:ohne|sans|sin|senza|keine)\s+(?:jegliche|jede|irgendwelche|aucune?|ninguna?|"
+            r"alcuna?|alcun)?\s*(?:einschr(?:ä|ae)nkungen|regeln|filter|grenzen|zensur|restrictions?|"
+            r"limites?|règles|filtres?|censure|restricci(?:ón|ones)|límites|reglas|filtros|"
+            r"censura|restrizion[ei]|limiti|regole|filtri)\b"
+        ),
+    ),
+    (
+        "exfiltration.what_is_prompt",
+        0.65,
+        _rx(
+            r"\b(?:what|which)\s+(?:is|are|was|were)\s+(?:your|the)\s+(?:(?:full|exact|"
+            r"original|initial|hidden|secret|internal)\s+)*(?:system\s*(?:prompt|message|"
+            r"instructions?)|initial\s+(?:prompt|instructions)|pre-?prompt)\b|\b(?:summari[sz]e|"
+            r"translate|paraphrase|encode|rewrite)\s+(?:your|the)\s+(?:system\s*(?:prompt|"
+            r"message)|(?:initial|original|hidden|secret)\s+instructions)\b|\bwhat\s+(?:were|"
+            r"have)\s+you\s+(?:been\s+)?(?:told|instructed|programmed)\s+(?:to\s+do\s+)?"
+            r"(?:before|by|at\s+the\s+start|initially)|\b(?:beginning|start)\s+of\s+(?:this|the"
+            r"|our)\s+(?:conversation|prompt|chat|context)\b"
+        ),
+    ),
+    (
+        "exfiltration.environment",
+        0.55,
+        _rx(
+            r"\b(?:print|show|list|dump|output|reveal|read|cat|display|give\s+me)\b.{0,30}"
+            r"(?:environment\s+variables|env\s+vars|\.env\b|os\.environ|/etc/(?:passwd|shadow)|"
+            r"~/\.ssh|id_rsa|\.aws/credentials|(?:api|secret|access)\s+keys?\s+(?:you|that\s+you)"
+            r"\s+(?:have|use|were\s+given|know))"
+        ),
+    ),
+    (
+        "delimiter.role_json",
+        0.55,
+        _rx(
+            r"[\"']role[\"']\s*:\s*[\"'](?:system|developer|assistant)[\"']|^\s*(?:human|"
+            r"assistant|user|ai|bot)\s*:\s*\S(?=.*\n\s*(?:human|assistant|user|ai|bot)\s*:)"
+        ),
+    ),
+    (
+        "indirect.command_to_ai",
+        0.55,
+        _rx(
+            r"\b(?:ai|assistant|agent|model|llm|chatbot|bot|gpt|claude|copilot)\s*[:,]\s*"
+            r"(?:please\s+)?(?:ignore|disregard|send|forward|delete|reveal|print|output|say|"
+            r"respond|reply|include|append|add|tell|transfer|call|execute|run|visit|open|click|"
+            r"email|recommend|insert|write|state|inform|do\s+not|don'?t|you\s+must|always|"
+            r"never)\b"
+        ),
+    ),
+    (
+        "indirect.tell_the_user",
+        0.4,
+        _rx(
+            r"\b(?:tell|inform|convince|persuade|instruct|advise|urge|direct|ask)\s+(?:the|"
+            r"all|any)\s+(?:users?|readers?|customers?|humans?|visitors?)\s+(?:that|to)\b|"
+            r"\b(?:in\s+your|at\s+the\s+end\s+of\s+your|to\s+your)\s+(?:response|answer|"
+            r"reply|summary|output)s?\s*,?\s+(?:you\s+must\s+|always\s+|please\s+)?"
+            r"(?:include|add|append|insert|mention|recommend|say|state|claim)\b"
+        ),
+    ),
+    (
+        "indirect.send_externally",
+        0.3,
+        _rx(
+            r"\b(?:send|forward|email|e-mail|transfer|wire|post|upload|submit|leak|call|push|"
+            r"sync|log)\b.{0,80}?"
+            r"\b(?:to|at)\s+(?:https?://\S+|[\w.+-]+@[\w-]+(?:\.[\w-]+)+)"
+        ),
+    ),
+    (
+        "indirect.hidden_markup",
+        0.35,
+        _rx(
+            r"<!--[^>]{0,300}?\b(?:ai|assistant|llm|model|agent|ignore|instruction|must|system)"
+            r"\b|display\s*:\s*none|font-size\s*:\s*0|color\s*:\s*(?:white|#fff\b|#ffffff)|"
+            r"visibility\s*:\s*hidden"
+        ),
+    ),
+    (
+        "indirect.tool_identifier",
+        0.45,
+        _rx(
+            r"\b(?:call|invoke|use|run|execute|trigger|fire)\s+(?:the\s+)?`?[a-z][a-z0-9]*_"
+            r"[a-z0-9_]+`?(?:\(\))?\s+(?:on|to|with|for|and|tool|function|in\s+order)\b"
+        ),
+    ),
+    (
+        "indirect.before_responding",
+        0.3,
+        _rx(
+            r"\bbefore\s+(?:you\s+)?(?:respond|reply|answer|continu|proceed)(?:ing|s)?\b|"
+            r"\b(?:first|then)\s+(?:empty|delete|wipe|erase|remove|drop|purge)\s+(?:the|all|"
+            r"every)\b"
+        ),
+    ),
+    (
+        "indirect.every_response",
+        0.45,
+        _rx(
+            r"\b(?:to|at|in)\s+(?:the\s+(?:end|start|beginning)\s+of\s+)?(?:every|each|any|all)\s+"
+            r"(?:future\s+)?(?:responses?|answers?|repl(?:y|ies)|messages?|outputs?|sessions?)\b|"
+            r"\b(?:am\s+ende|am\s+anfang)\s+jeder\s+antwort|\b(?:à\s+la\s+fin|au\s+début)\s+"
+            r"d[e']\s*(?:toute|chaque)\s+réponse|\balla\s+fine\s+di\s+ogni\s+risposta|"
+            r"\bal\s+final\s+de\s+(?:cada|toda)\s+respuesta"
+        ),
+    ),
+    (
+        "indirect.memory_write",
+        0.45,
+        _rx(
+            r"\b(?:save|store|remember|persist|write|add|keep)\s+(?:this|the\s+following|these)"
+            r"(?:\s+(?:note|instructions?|rule|message|text))?\s+(?:to|in|into)\s+(?:your\s+)?"
+            r"(?:long[\s-]term\s+)?(?:memory|memories|notes|profile)\b|\bnote\s+to\s+self\b"
+        ),
+    ),
+    (
+        "indirect.agents_should",
+        0.5,
+        _rx(
+            r"\b(?:ai|llm|automated|autonomous|coding)\s+(?:agents?|assistants?|models?|tools?|"
+            r"systems?)\b(?:\s+[\w'-]+){0,4}\s+(?:should|must|need\s+to|are\s+required\s+to|"
+            r"are\s+instructed\s+to|will)\b"
+        ),
+    ),
+    (
+        "override.authority_note",
+        0.4,
+        _rx(
+            r"^\s*(?:system|admin|developer|processing|security)?\s*(?:override|note|notice|"
+            r"hinweis|systemhinweis|remarque)\s*(?:\([^)]*\))?\s*:|\bnote\s+(?:système|"
+            r"du\s+système)\b|\bnota\s+(?:di|del)\s+sistema\b|\bsystemhinweis\b"
+        ),
+    ),
+    (
+        "override.safety_disabled",
+        0.7,
+        _rx(
+            r"\b(?:safety|content|security|ethical)\s+(?:protocols?|filters?|restrictions|"
+            r"guidelines|guardrails|checks|measures|policies|rules)\s+(?:are\s+|have\s+been\s+|"
+            r"were\s+|is\s+)?(?:now\s+)?(?:disabled|off|removed|lifted|suspended|deactivated|"
+            r"bypassed|waived)\b|\b(?:granted|given|gave)\s+(?:you\s+)?(?:full\s+)?(?:permission|"
+            r"authori[sz]ation|consent|clearance)\s+to\s+(?:skip|bypass|ignore|disable|override|"
+            r"turn\s+off)\b|\bskip\s+(?:all\s+|any\s+|the\s+)?(?:safety\s+checks|"
+            r"confirmations|verification|content\s+checks)\b"
+        ),
+    ),
+    (
+        "persona.exempt",
+        0.55,
+        _rx(
+            r"\b(?:exempt\s+from|not\s+subject\s+to|outside\s+the\s+scope\s+of)\s+(?:the\s+|"
+            r"your\s+|any\s+|all\s+)?(?:usual\s+|normal\s+|standard\s+)?(?:restrictions|rules|"
+            r"guidelines|polic(?:y|ies)|safety|filters|content\s+policy)\b|\b(?:restrictions|"
+            r"rules|guidelines|policies|safeguards)\s+(?:do\s+not|don'?t|no\s+longer|doesn'?t)\s+"
+            r"apply\b|\b(?:sicherheitsrichtlinien|richtlinien|regeln|einschr(?:ä|ae)nkungen)\b"
+            r".{0,30}\bnicht\s+(?:mehr\s+)?gelten|\bne\s+s'appliquent\s+(?:pas|plus)\b|\bno\s+"
+            r"se\s+aplican\b|\bnon\s+si\s+applicano\b|\bunrestricted\s+(?:response|mode|"
+            r"answer|output|version)\b"
+        ),
+    ),
+    (
+        "persona.no_rules",
+        0.6,
+        _rx(
+            r"\byou\s+(?:now\s+)?(?:have|possess|got)\s+no\s+(?:rules|restrictions|limits|"
+            r"filters|guidelines|boundaries|ethics|morals)\b|\b(?:hast\s+du|du\s+hast)\s+keine\s+"
+            r"(?:regeln|grenzen|einschr(?:ä|ae)nkungen)\b|\btu\s+n'as\s+(?:plus\s+)?(?:aucune|de)\s+"
+            r"(?:règle|restriction|limite)|\bno\s+tienes\s+(?:ninguna\s+)?(?:reglas|"
+            r"restricciones|límites)\b|\bnon\s+hai\s+(?:più\s+)?(?:nessuna\s+)?(?:regole|"
+            r"restrizioni|limiti)\b|\bcomply\s+with\s+(?:every|any|all)\s+requests?\b"
+        ),
+    ),
+    (
+        "exfiltration.external_target",
+        0.35,
+        _rx(
+            r"\b(?:to|an|à|a|an\s+die|all')\s+(?:an?\s+|l'|la\s+|une?\s+|die\s+|eine\s+)?"
+            r"(?:external|outside|third[\s-]party|externe|externen?|externa|esterno|esterna)\s+"
+            r"(?:address|adresse|dirección|indirizzo|server|url|email|e-mail|mailbox|endpoint|"
+            r"account|contact)|\b(?:adresse|dirección|indirizzo)\s+(?:externe|externa|esterno)\b"
+        ),
+    ),
+    (
+        "exfiltration.multilingual_send",
+        0.45,
+        _rx(
+            r"\b(?:envoie|envoyez|envoyer|transf[eé]rer?|sende|schicke?|senden|übermittle|"
+            r"env[ií]a|enviar|reenv[ií]a|invia|inviare|inoltra)\w*\b.{0,80}?(?:[\w.+-]+@[\w-]+"
+            r"(?:\.[\w-]+)+|https?://)"
+        ),
+    ),
+    (
+        "encoded.decode_and_obey",
+        0.55,
+        _rx(
+            r"\b(?:decode|decipher|decrypt|translate|reverse|unscramble|convert)\b.{0,60}\b(?:and|"
+            r"then)\s+(?:follow|execute|obey|run|do|carry\s+out|act\s+on|comply\s+with|"
+            r"perform|apply)\b(?!\s+(?:it\s+)?(?:for\s+me\s+)?(?:in|with)\s+(?:python|code))"
         ),
     ),
 )
@@ -314,6 +610,24 @@ _SPACED = re.compile(r"\b(?:[A-Za-z][ .\-_*]){3,}[A-Za-z]\b")  # "i g n o r e"
 _BASE64 = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/_-]{16,}={0,2}(?![A-Za-z0-9+/=_-])")
 _HEX = re.compile(r"\b(?:[0-9a-fA-F]{2}[ :]?){12,}\b")
 _LEET_HINT = re.compile(r"[a-z][0-9@$!][a-z]|[0-9@$][a-z]{2}", re.IGNORECASE)
+_PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|x([0-9a-fA-F]{2}))")
+_MORSE = re.compile(r"(?:[.\-]{1,7}[ /]+){8,}[.\-]{1,7}")
+_MORSE_CODE = {
+    ".-": "a", "-...": "b", "-.-.": "c", "-..": "d", ".": "e", "..-.": "f", "--.": "g",
+    "....": "h", "..": "i", ".---": "j", "-.-": "k", ".-..": "l", "--": "m", "-.": "n",
+    "---": "o", ".--.": "p", "--.-": "q", ".-.": "r", "...": "s", "-": "t", "..-": "u",
+    "...-": "v", ".--": "w", "-..-": "x", "-.--": "y", "--..": "z", "-----": "0",
+    ".----": "1", "..---": "2", "...--": "3", "....-": "4", ".....": "5", "-....": "6",
+    "--...": "7", "---..": "8", "----.": "9",
+}  # fmt: skip
+# words at least one feature needs; decoded variants without any are not scored
+_TRIGGER = _rx(
+    r"ignor|disregard|forget|instruc|system|prompt|rule|reveal|pretend|bypass|overrid|"
+    r"restrict|previous|jailbr|\bdan\b|developer|assistant|\bai\b|send|mail|call|polic|"
+    r"filter|safety|secret|password|credential|key|token|role|persona|act\b|behave|you|"
+    r"decode|execute|tool|\buser|respon|answer|repl"
+)
 _MAX_SCAN = 20_000  # characters scored; an injection longer than this is split by the caller
 
 
@@ -331,6 +645,16 @@ def _decode_hex(blob: str) -> str | None:
     except ValueError:
         return None
     return _printable(raw)
+
+
+def _decode_morse(code: str) -> str:
+    words = re.split(r"\s*/\s*|\s{3,}", code.strip())
+    return " ".join("".join(_MORSE_CODE.get(sym, "") for sym in w.split()) for w in words)
+
+
+def _untag(ch: str) -> str:
+    """Unicode tag characters (U+E0020..E007E) smuggle invisible ASCII."""
+    return chr(ord(ch) - 0xE0000) if "\U000e0020" <= ch <= "\U000e007e" else ch
 
 
 def _printable(raw: bytes) -> str | None:
@@ -362,6 +686,8 @@ class HeuristicInjectionClassifier:
         if not same_offsets:
             spans.append((0, len(text)))
         for name, variant in self._variants(plain):
+            if not _TRIGGER.search(variant):
+                continue  # no word any feature starts from: skip the full pass
             before = len(hits)
             self._match(variant, hits, None, name)
             if len(hits) > before:
@@ -402,6 +728,17 @@ class HeuristicInjectionClassifier:
             out.append(("leetspeak:", text.translate(_LEET)))
         if _SPACED.search(text):
             out.append(("spaced:", _SPACED.sub(lambda m: re.sub(r"[ .\-_*]", "", m.group()), text)))
+        if len(_PERCENT.findall(text)) >= 3:
+            out.append(("percent:", urllib.parse.unquote(text)))
+        if len(_ESCAPE.findall(text)) >= 3:
+            out.append(
+                ("escapes:", _ESCAPE.sub(lambda m: chr(int(m.group(1) or m.group(2), 16)), text))
+            )
+        if any("\U000e0000" <= ch <= "\U000e007f" for ch in text):
+            out.append(("unicode_tags:", "".join(_untag(ch) for ch in text)))
+        morse = [_decode_morse(m.group()) for m in _MORSE.finditer(text)]
+        if morse:
+            out.append(("morse:", " ".join(morse)))
         out.append(("rot13:", codecs.encode(text, "rot13")))
         out.append(("reversed:", text[::-1]))
         return out
@@ -417,7 +754,8 @@ class HeuristicInjectionClassifier:
         if not decoded:
             return
         inner: dict[str, float] = {}
-        self._match(decoded, inner, None, "")
+        if _TRIGGER.search(decoded):
+            self._match(decoded, inner, None, "")
         if inner:
             weight = 1.0
             for w in inner.values():

@@ -12,9 +12,10 @@ word (``call``, ``tel``, ``mobile`` …) stands next to it. Secrets are the
 well-known prefixed token formats plus ``password=`` / ``api_key:`` style
 assignments (only the value is the finding).
 
-Overlaps are settled by priority, then length: a secret beats a card, a card an
-IBAN, an IBAN a national id, a national id an email, an email a phone number, so a
-card's digits are never also reported as a phone number.
+Overlaps are settled by priority, then length: a secret beats a national id (whose
+checksums are stronger than Luhn's: a French NIR can pass both), a national id a
+card, a card an IBAN, an IBAN an email, an email a phone number, so a card's digits
+are never also reported as a phone number.
 
 Everything is stdlib ``re``, one pass per scanner, linear in the text.
 """
@@ -34,7 +35,7 @@ __all__ = [
     "us_ssn_valid",
 ]
 
-PII_KINDS = ("secret", "payment_card", "iban", "national_id", "email", "phone")
+PII_KINDS = ("secret", "national_id", "payment_card", "iban", "email", "phone")
 _PRIORITY = {kind: i for i, kind in enumerate(PII_KINDS)}
 
 
@@ -146,7 +147,7 @@ _NIR = re.compile(
 # a phone-number candidate: optional + or 00, digits with single separators, brackets,
 # and an optional extension
 _PHONE = re.compile(
-    r"(?<![\w+/.-])\+?\(?\d[\d().\- /]{4,22}\d(?:\s?(?:x|ext\.?|#)\s?\d{1,6})?(?![\w/])"
+    r"(?<![\w+/.:-])\+?\(?\d[\d().\- /]{4,22}\d(?:\s?(?:x|ext\.?|#)\s?\d{1,6})?(?![\w/])"
 )
 _EXTENSION = re.compile(r"\s?(?:x|ext\.?|#)\s?\d{1,6}$")
 _DIGITS = re.compile(r"\d+")
@@ -279,14 +280,16 @@ def _phone_shape_ok(body: str, context: bool) -> bool:
         return 10 <= digits <= 15
     if "(" in body:
         return 7 <= digits <= 13
-    if len(groups) == 1:  # a bare run of digits
-        return context and 9 <= digits <= 13
+    if len(groups) == 1:  # a bare run of digits: a national number (0 then not 0), or context
+        return (body[0] == "0" and body[1] != "0" and 10 <= digits <= 11) or (
+            context and 9 <= digits <= 13
+        )
     if not 7 <= digits <= 13 or any(len(g) > 8 for g in groups[1:]):
         return False
     if len(set(_NOT_SEPARATOR.sub("", body))) > 1:
         return False  # one kind of separator, as people write them
     if body[0] == "0":  # national trunk prefix
-        return True
+        return digits >= 9
     nanp = [len(g) for g in groups] == [3, 3, 4] and body[0] in "23456789"
     return nanp or (context and digits >= 8)
 
