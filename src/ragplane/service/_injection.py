@@ -237,7 +237,7 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
             r"</?\s*(?:system|assistant|sys|instructions?|admin|developer|im_start|im_end|"
             r"context|user_query|tool_result|untrusted)\s*>|<\|(?:im_start|im_end|system|"
             r"assistant|user|endoftext|eot_id|start_header_id|end_header_id)\|>|\[/?INST\]|"
-            r"<</?SYS>>|\[/?(?:SYSTEM|ADMIN)\]|\{\{\s*system\s*\}\}"
+            r"<</?SYS>>|\[/?(?:SYSTEM|ADMIN)\]|\{\{\s*system\s*\}\}|\[(?:system|assistant)\]\(#"
         ),
     ),
     (
@@ -584,6 +584,63 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         ),
     ),
     (
+        "override.the_above",
+        0.45,
+        _rx(
+            r"\b(?:ignore|disregard|forget)\s+(?:all\s+)?(?:of\s+)?(?:the|that|what(?:ever)?|"
+            r"anything)\s+(?:was\s+)?(?:above|previous(?:ly)?|prior|earlier|preceding|said\s+"
+            r"before)\b|\b(?:ignore|disregard)\s+(?:the\s+)?(?:user|customer|human)(?:'?s)?\s+"
+            r"(?:request|question|query|instructions|message|input)\b"
+        ),
+    ),
+    (
+        "override.everything_multilingual",
+        0.55,
+        _rx(
+            r"\b(?:vergiss|ignoriere|vergessen\s+sie)\s+alles\b|\b(?:oublie[zr]?|ignore[zr]?)\s+"
+            r"tout\s+(?:ce\s+qu|ce\s+que|ce\s+qui)|\b(?:olvida|ignora)\s+todo\s+lo\b|"
+            r"\b(?:dimentica|ignora)\s+tutto\s+(?:quello|ciò|quanto)\b"
+        ),
+    ),
+    (
+        "persona.character_without_limits",
+        0.5,
+        _rx(
+            r"\b(?:who|that|which)\s+(?:has\s+no|doesn'?t\s+have\s+any|does\s+not\s+have\s+any|"
+            r"never\s+follows|doesn'?t\s+follow|does\s+not\s+follow|ignores|isn'?t\s+bound\s+by|"
+            r"doesn'?t\s+care\s+about)\s+(?:any\s+)?(?:rules|restrictions|filters|morals|ethics|"
+            r"guidelines|limits|policies|laws)\b|\b(?:character|persona|ai|assistant|model)\s+"
+            r"(?:who|that)\s+(?:can|will|would)\s+(?:say|do|answer)\s+anything\b"
+        ),
+    ),
+    (
+        "exfiltration.what_is_secret",
+        0.45,
+        _rx(
+            r"\bwhat(?:'s|\s+is|\s+was)\s+(?:the|your)\s+(?:secret|password|passphrase|passcode|"
+            r"api\s+key|access\s+code|secret\s+key|admin\s+password)\s*(?:\?|$|\.)"
+        ),
+    ),
+    (
+        "exfiltration.other_users",
+        0.5,
+        _rx(
+            r"\b(?:other|previous|earlier|all)\s+users'?\s+(?:messages|conversations|chats|data|"
+            r"questions|queries|sessions|prompts)\b|\b(?:print|show|dump|list|output|reveal)\s+"
+            r"(?:the\s+|all\s+|your\s+)*(?:conversation|chat)\s+(?:history|log)s?\b"
+        ),
+    ),
+    (
+        "indirect.assistant_should",
+        0.45,
+        _rx(
+            r"\b(?:the|any|an?|all)\s+(?:ai|assistant|chatbot|model|agent|llm|bot)s?\s+(?:should|"
+            r"must|needs?\s+to|is\s+required\s+to|is\s+instructed\s+to|will\s+now)\b|\bwhen\s+"
+            r"(?:an?\s+|the\s+)?(?:ai|assistant|llm|agent|model|chatbot|bot)\s+(?:reads|processes|"
+            r"summari[sz]es|sees|encounters|parses|retrieves)\s+(?:this|these)\b"
+        ),
+    ),
+    (
         "encoded.decode_and_obey",
         0.55,
         _rx(
@@ -612,6 +669,7 @@ _HEX = re.compile(r"\b(?:[0-9a-fA-F]{2}[ :]?){12,}\b")
 _LEET_HINT = re.compile(r"[a-z][0-9@$!][a-z]|[0-9@$][a-z]{2}", re.IGNORECASE)
 _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
 _ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|x([0-9a-fA-F]{2}))")
+_BINARY = re.compile(r"\b(?:[01]{8}\s?){6,}")
 _MORSE = re.compile(r"(?:[.\-]{1,7}[ /]+){8,}[.\-]{1,7}")
 _MORSE_CODE = {
     ".-": "a", "-...": "b", "-.-.": "c", "-..": "d", ".": "e", "..-.": "f", "--.": "g",
@@ -650,6 +708,11 @@ def _decode_hex(blob: str) -> str | None:
 def _decode_morse(code: str) -> str:
     words = re.split(r"\s*/\s*|\s{3,}", code.strip())
     return " ".join("".join(_MORSE_CODE.get(sym, "") for sym in w.split()) for w in words)
+
+
+def _decode_binary(bits: str) -> str:
+    raw = bytes(int(b, 2) for b in re.findall(r"[01]{8}", bits))
+    return _printable(raw) or ""
 
 
 def _untag(ch: str) -> str:
@@ -736,6 +799,9 @@ class HeuristicInjectionClassifier:
             )
         if any("\U000e0000" <= ch <= "\U000e007f" for ch in text):
             out.append(("unicode_tags:", "".join(_untag(ch) for ch in text)))
+        binary = [_decode_binary(m.group()) for m in _BINARY.finditer(text)]
+        if any(binary):
+            out.append(("binary:", " ".join(b for b in binary if b)))
         morse = [_decode_morse(m.group()) for m in _MORSE.finditer(text)]
         if morse:
             out.append(("morse:", " ".join(morse)))
