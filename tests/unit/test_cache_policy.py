@@ -53,6 +53,8 @@ def test_exact_match_hits_even_below_the_threshold(policy: CachePolicy) -> None:
         ("Why doesn't my kettle switch off?", "Why won't my kettle switch off?"),
         ("How do I renew passports online?", "How do I renew my passport online?"),
         ("How do I set up a wifi extender?", "How do I set up a wi-fi extender?"),
+        # an auxiliary moved, a number moved
+        ("Can you tell me where my parcel is?", "Where is my parcel?"),
         # a clause fronted at a comma
         (
             "In the mobile app, how do I change my photo?",
@@ -125,6 +127,13 @@ def test_a_rewording_needs_a_high_similarity_and_equal_anchors(policy: CachePoli
     assert policy.verify(other, cached, 0.95).reason == "anchor_mismatch"
     numbers = "In 1503, which artist began painting the Mona Lisa?"
     assert policy.verify(numbers, cached, 0.95).reason == "anchor_mismatch"
+
+
+def test_a_moved_anchor_is_a_rewording_not_a_mismatch(policy: CachePolicy) -> None:
+    cached = "Who won the Tour de France in 1998?"
+    new = "Which rider won the 1998 Tour de France?"
+    assert policy.verify(new, cached, 0.96) == CacheVerdict(True, "paraphrase")
+    assert policy.verify(new, cached, 0.80).reason == "reworded_below_threshold"
 
 
 def test_a_rewording_that_reverses_a_movement_misses(policy: CachePolicy) -> None:

@@ -43,6 +43,7 @@ import functools
 import itertools
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
@@ -408,11 +409,16 @@ def _strip_discourse(words: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
     return kept
 
 
+_FRAMES_BY_FIRST: dict[str, list[tuple[tuple[str, ...], tuple[str, ...]]]] = {}
+for _frame in _FRAMES:
+    _FRAMES_BY_FIRST.setdefault(_frame[0][0], []).append(_frame)
+
+
 def _reframe(words: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
     out: list[tuple[str, bool]] = []
     i = 0
     while i < len(words):
-        for frame, replacement in _FRAMES:
+        for frame, replacement in _FRAMES_BY_FIRST.get(words[i][0], ()):
             if tuple(w for w, _ in words[i : i + len(frame)]) == frame:
                 out.extend((w, False) for w in replacement)
                 i += len(frame)
@@ -423,7 +429,9 @@ def _reframe(words: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
     return out
 
 
-def _tokens(query: str) -> list[_Token]:
+@functools.lru_cache(maxsize=16384)
+def _tokens(query: str) -> tuple[_Token, ...]:
+    """The query as tokens for comparison (memoised: cached questions recur)."""
     words = _reframe(_strip_discourse(_words(query)))
     out: list[_Token] = []
     for i, (word, name) in enumerate(words):
@@ -432,7 +440,7 @@ def _tokens(query: str) -> list[_Token]:
         if word == "like" and 0 < i < len(words) - 1 and words[i - 1][0] != "would":
             kind = "trivial"  # "how do I like increase ..."; not "what is it like"
         out.append(_Token(word, _stem(_spelling_key(word)), kind, name))
-    return out
+    return tuple(out)
 
 
 # -- comparing words --------------------------------------------------------------------
@@ -548,76 +556,76 @@ class CachePolicy:
 
     # -- near repeats -------------------------------------------------------------------
 
-    def _near_repeat(self, a: list[_Token], b: list[_Token]) -> str | None:
+    def _near_repeat(self, a: Sequence[_Token], b: Sequence[_Token]) -> str | None:
         """None if ``a`` and ``b`` differ only trivially, else why not."""
         words_a = [t for t in a if t.kind != "break"]
         words_b = [t for t in b if t.kind != "break"]
         reason = self._diff(words_a, words_b)
-        if reason is None or reason != "order_changed":
+        if reason != "order_changed":
             return reason
         for x, y in ((a, b), (b, a)):  # one clause fronted at a comma
             for i, t in enumerate(y):
                 if t.kind == "break" and t.text in _CLAUSE_BREAKS:
-                    rotated = [u for u in y[i + 1 :] + y[:i] if u.kind != "break"]
+                    rotated = [u for u in (*y[i + 1 :], *y[:i]) if u.kind != "break"]
                     plain = [u for u in x if u.kind != "break"]
                     if self._diff(plain, rotated) is None:
                         return None
         return reason
 
     def _diff(self, a: Sequence[_Token], b: Sequence[_Token]) -> str | None:
+        """None if the monotone alignment of ``a`` and ``b`` shows only trivial edits,
+        else the most serious kind of edit found."""
         matcher = SequenceMatcher(None, [t.key for t in a], [t.key for t in b], autojunk=False)
         dropped: list[_Token] = []
         added: list[_Token] = []
-        worst: str | None = None
         for op, i1, i2, j1, j2 in matcher.get_opcodes():
-            if op == "equal":
-                continue
-            left, right = list(a[i1:i2]), list(b[j1:j2])
-            verdict = self._edit(left, right, a[:i1], b[:j1])
-            if verdict is not None:
-                dropped += left
-                added += right
-                worst = _worse(worst, verdict)
-        if worst is None:
+            if op != "equal" and not self._trivial(list(a[i1:i2]), list(b[j1:j2]), a[:i1], b[:j1]):
+                dropped += a[i1:i2]
+                added += b[j1:j2]
+        if not dropped and not added:
             return None
-        moved = {t.key for t in dropped if t.kind == "content"} & {
-            t.key for t in added if t.kind == "content"
-        }
-        if moved and worst == "content_edit":
-            return "order_changed"
-        return worst
+        if Counter(t.key for t in dropped) == Counter(t.key for t in added) and all(
+            t.kind in ("be", "modal") for t in dropped
+        ):
+            return None  # an auxiliary moved: "where my parcel is" / "where is my parcel"
 
-    def _edit(
+        def keys(tokens: list[_Token], kind: str) -> Counter[str]:
+            return Counter(t.key for t in tokens if t.kind == kind)
+
+        if keys(dropped, "anchor") != keys(added, "anchor"):
+            return "anchor_mismatch"
+        if keys(dropped, "negator") != keys(added, "negator"):
+            return "negation_changed"
+        moved = keys(dropped, "content") & keys(added, "content")
+        if moved or keys(dropped, "anchor") or keys(dropped, "negator"):
+            return "order_changed"
+        return "content_edit"
+
+    def _trivial(
         self,
         left: list[_Token],
         right: list[_Token],
         before_left: Sequence[_Token],
         before_right: Sequence[_Token],
-    ) -> str | None:
-        """None if replacing ``left`` by ``right`` is trivial, else the kind of edit."""
+    ) -> bool:
+        """Is replacing ``left`` by ``right`` (``before_*`` precede them) trivial?"""
         after_wh = _follows_wh(before_left) and _follows_wh(before_right)
         core_l = [t for t in left if not _ignorable(t, after_wh)]
         core_r = [t for t in right if not _ignorable(t, after_wh)]
         if "".join(t.text for t in core_l) == "".join(t.text for t in core_r):
-            return None  # nothing but trivial words, or a compound split differently
-        if len(core_l) == len(core_r) and all(
+            return True  # nothing but trivial words, or a compound split differently
+        return len(core_l) == len(core_r) and all(
             self._same_word(x, y) for x, y in zip(core_l, core_r, strict=True)
-        ):
-            return None
-        kinds = {t.kind for t in core_l + core_r}
-        if "anchor" in kinds:
-            return "anchor_mismatch"
-        if "negator" in kinds:
-            return "negation_changed"
-        return "content_edit"
+        )
 
     def _same_word(self, x: _Token, y: _Token) -> bool:
         if x.key == y.key:
             return True
         if x.kind == y.kind == "be":
             return True
-        if x.kind != "content" or y.kind != "content":
-            return False
+        kinds = {x.kind, y.kind}
+        if not kinds <= {"content", "anchor"} or not (x.text + y.text).isalpha():
+            return False  # numbers, negators and function words must match exactly
         shorter = min(len(x.text), len(y.text))
         if (
             shorter < self.typo_min_length - 1
@@ -631,7 +639,9 @@ class CachePolicy:
 
     # -- paraphrases --------------------------------------------------------------------
 
-    def _paraphrase(self, a: list[_Token], b: list[_Token], similarity: float) -> CacheVerdict:
+    def _paraphrase(
+        self, a: Sequence[_Token], b: Sequence[_Token], similarity: float
+    ) -> CacheVerdict:
         if similarity < self.paraphrase_similarity:
             return CacheVerdict(False, "reworded_below_threshold")
         if not _anchors(a) <= _keys(b) or not _anchors(b) <= _keys(a):
@@ -642,13 +652,6 @@ class CachePolicy:
         if any(roles_a[k] != roles_b[k] for k in roles_a.keys() & roles_b.keys()):
             return CacheVerdict(False, "direction_changed")
         return CacheVerdict(True, "paraphrase")
-
-
-_SEVERITY = {"content_edit": 0, "order_changed": 1, "negation_changed": 2, "anchor_mismatch": 3}
-
-
-def _worse(a: str | None, b: str) -> str:
-    return b if a is None or _SEVERITY[b] > _SEVERITY[a] else a
 
 
 def _follows_wh(before: Sequence[_Token]) -> bool:
