@@ -44,6 +44,8 @@ TENANT_TABLES = (
     "ingest_jobs",
     "ingest_uploads",
     "llm_ledger",
+    "semantic_cache",
+    "eval_samples",
 )
 # procrastinate's tables (not tenant tables: no tenant_id; job arguments are ids only)
 QUEUE_TABLES = (

@@ -101,12 +101,12 @@ async def set_flag(
         raise BadRequest("rollout_percent must be between 0 and 100", code="invalid_flag")
     row = await session.fetch_one(
         "INSERT INTO control.flags AS f (name, enabled, rollout_percent, tenants, description, "
-        "updated_by) VALUES (%(name)s, %(enabled)s, coalesce(%(pct)s, 100), "
-        "coalesce(%(tenants)s, '{}'), coalesce(%(desc)s, ''), %(by)s) "
+        "updated_by) VALUES (%(name)s, %(enabled)s, coalesce(%(pct)s::int, 100), "
+        "coalesce(%(tenants)s::text[], '{}'), coalesce(%(desc)s::text, ''), %(by)s) "
         "ON CONFLICT (name) DO UPDATE SET enabled = EXCLUDED.enabled, "
-        "rollout_percent = coalesce(%(pct)s, f.rollout_percent), "
-        "tenants = coalesce(%(tenants)s, f.tenants), "
-        "description = coalesce(%(desc)s, f.description), "
+        "rollout_percent = coalesce(%(pct)s::int, f.rollout_percent), "
+        "tenants = coalesce(%(tenants)s::text[], f.tenants), "
+        "description = coalesce(%(desc)s::text, f.description), "
         "updated_at = now(), updated_by = EXCLUDED.updated_by "
         "RETURNING name, enabled, rollout_percent, tenants, description, updated_at, updated_by",
         {

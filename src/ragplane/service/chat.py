@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ragplane.config import ChatSettings, GatewaySettings
+from ragplane.config import ChatSettings, GatewaySettings, ModelSettings
 from ragplane.control.flags import AI_INFERENCE_ENABLED, FlagStore
 from ragplane.control.namespaces import NamespaceConfig
 from ragplane.control.tenants import Tenant
@@ -73,6 +73,8 @@ _OFFLINE_CODES = frozenset({"no_healthy_route", "upstream_unavailable", "gateway
 # a finished sentence: its end, the markers that follow it, and the start of the next
 # (a marker may still be on its way until a character that is not one arrives)
 _SENTENCE_END = re.compile(r"(?:[.!?](?:\s*\[\d{1,3}\])*|\n)\s+(?=[^\s\[])")
+_HOLD_CHARS = 160
+_WORD_GAP = re.compile(r"(?<=[A-Za-z,;])\s+(?=[A-Za-z])")
 _REWRITE_PROMPT = (
     "Rewrite the last question of this conversation as one standalone question that "
     "needs no earlier message to be understood. Reply with the question only."
@@ -179,9 +181,11 @@ class ChatService:
         self.guard = guard or InputGuard()
         self._rng = random.Random()  # noqa: S311 -- sampling, not secrets
         alias = gateway_settings.aliases.get(settings.model_alias)
-        if alias is None:
-            raise ValueError(f"chat.model_alias {settings.model_alias!r} is not a gateway alias")
-        models = [gateway_settings.models[r.model] for r in alias.routes]
+        if alias is not None:
+            models = [gateway_settings.models[r.model] for r in alias.routes]
+        else:  # a gateway elsewhere (chat.gateway_url) knows it; else every call will say so
+            log.warning("chat_alias_not_local", alias=settings.model_alias)
+            models = [ModelSettings(provider="?", upstream="?")]
         # the budget every route of the alias can take
         self.context_window = min(m.context_window for m in models)
         self.reserved_output = min(max(m.max_output_tokens for m in models), 1024)
@@ -635,10 +639,18 @@ class ChatService:
 
 
 def _split_finished(text: str) -> tuple[str, str]:
-    """``text`` cut after its last finished sentence (and the markers that follow it)."""
+    """``text`` cut after its last finished sentence (and the markers that follow it); a
+    run of more than ``_HOLD_CHARS`` without one is cut at its last space between two
+    letters (never inside a number, an address or a key the output guard must see whole)."""
     last = None
     for m in _SENTENCE_END.finditer(text):
         last = m
-    if last is None:
-        return "", text
-    return text[: last.end()], text[last.end() :]
+    if last is not None:
+        return text[: last.end()], text[last.end() :]
+    if len(text) > _HOLD_CHARS:
+        cut = None
+        for m in _WORD_GAP.finditer(text):
+            cut = m
+        if cut is not None:
+            return text[: cut.end()], text[cut.end() :]
+    return "", text

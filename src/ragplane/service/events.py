@@ -94,6 +94,7 @@ class EventSink:
         self._samples: deque[EvalSample] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.shed: Counter[str] = Counter()
         self.written: Counter[str] = Counter()
 
@@ -125,22 +126,25 @@ class EventSink:
             self._task = asyncio.create_task(self._run(), name="ragplane-events")
 
     async def stop(self) -> None:
-        """Stop the writer and write what is queued."""
+        """Stop the writer (after the batch it is writing) and write what is queued."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            self._stopping = True
+            self._wake.set()
+            await task
         while self._records or self._samples:
             if not await self.flush():
                 break
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             self._wake.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # a bug must not stop the writer; the batch is logged
+                log.exception("events_flush_failed")
 
     async def flush(self) -> bool:
         """Write one batch of what is queued; False when the database refused it (the
@@ -164,10 +168,13 @@ class EventSink:
                     theirs = [x for x in samples if x.tenant_id == tenant]
                     if theirs:
                         await cur.executemany(_SAMPLE, [_sample_row(x) for x in theirs])
-        except DataError as exc:
+        except (DataError, asyncio.CancelledError) as exc:
+            # put back (rows already committed are not written twice: ON CONFLICT DO NOTHING)
             log.warning("events_write_failed", error=str(exc), records=len(records))
             self._records.extendleft(reversed(records))
             self._samples.extendleft(reversed(samples))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return False
         self.written["request_log"] += len(records)
         self.written["eval_sample"] += len(samples)
