@@ -421,3 +421,70 @@ def bench_cache(
         f"verify(): p50 {v['p50']} µs, p95 {v['p95']} µs, p99 {v['p99']} µs, max {v['max']} µs",
         highlight=False,
     )
+
+
+@bench_app.command("guard")
+def bench_guard(
+    repeats: Annotated[int, typer.Option(min=1, help="Fills of each template per locale.")] = 2,
+    seed: Annotated[int, typer.Option(help="Faker seed of the template fills.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Guardrails: injection recall / false positives, structured PII recall, scan latency.
+
+    Injections from bastioncorpus, PII from presidio-evaluator's templates filled by
+    faker (both in the bench extra); CPU only, no database.
+    """
+    import json
+
+    from ragplane.evals.bench_guard import (
+        fill_templates,
+        load_injection_corpus,
+        load_presidio_templates,
+        run_guard_bench,
+    )
+
+    sentences = fill_templates(load_presidio_templates(), repeats=repeats, seed=seed)
+    result = run_guard_bench(
+        load_injection_corpus(),
+        sentences,
+        progress=lambda msg: err.print(f"[dim]{msg}…[/]"),
+    )
+    report = result.as_json()
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    inj, pii, lat = report["injection"], report["pii"], report["latency"]
+    table = Table(
+        "category",
+        "rows",
+        "flagged",
+        "recall / FPR",
+        title=f"prompt injection ({inj['rows']} rows, threshold {inj['threshold']})",
+    )
+    for cat, c in inj["categories"].items():
+        rate = c.get("recall", c.get("fpr"))
+        table.add_row(cat, str(c["rows"]), str(c["flagged"]), f"{rate:.3f}")
+    table.add_row("[b]malicious: recall[/]", str(inj["malicious_rows"]), "", f"{inj['recall']:.3f}")
+    table.add_row("[b]benign: FPR[/]", str(inj["benign_rows"]), "", f"{inj['fpr']:.3f}")
+    for name, s in inj["splits"].items():
+        table.add_row(
+            f"  {name} split",
+            f"{s['malicious_rows']} / {s['benign_rows']}",
+            "",
+            f"{s['recall']:.3f} / {s['fpr']:.3f}",
+        )
+    out.print(table)
+    table = Table(
+        "entity", "inserted", "recall", title=f"structured PII ({pii['sentences']:,} sentences)"
+    )
+    for kind, recall in pii["recall"].items():
+        table.add_row(kind, str(pii["inserted"][kind]), f"{recall:.3f}")
+    out.print(table)
+    out.print(f"false positives (findings over no inserted value): {pii['false_positives']}")
+    out.print(
+        f"InputGuard.scan over {lat['scans']:,} texts: p50 {lat['p50_ms']:.3f} ms, "
+        f"p95 {lat['p95_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms, max {lat['max_ms']:.3f} ms"
+    )
+    for t in report["targets"]:
+        verdict = {True: "[green]met[/]", False: "[red]not met[/]", None: "n/a"}[t["met"]]
+        out.print(f"{t['goal']}: {verdict} ({t['measured']})", highlight=False)

@@ -150,9 +150,20 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         "persona.named_mode",
         0.6,
         _rx(
-            r"\b(?:(?-i:DAN)|do\s+anything\s+now|developer\s+mode|dev\s+mode|god\s+mode|jailbreak(?:"
-            r"ed)?\s+mode|sudo\s+mode|admin\s+mode|debug\s+mode|unrestricted\s+mode|"
-            r"evil\s+(?:mode|twin|assistant|ai|bot))\b(?!\s+(?:is|was)\s+a\s+(?:name|film))"
+            r"\b(?:as|be|become|are|called|named|play(?:ing)?|you'?re|now|hi|hello)\s+(?-i:DAN)\b|"
+            r"\b(?-i:DAN)\s+(?:mode|prompt|jailbreak|persona)\b|\bdo\s+anything\s+now\b|"
+            r"\b(?:jailbreak|jailbroken|god|unrestricted|unfiltered|uncensored|evil|chaos)\s+mode\b|"
+            r"\bevil\s+(?:twin|assistant|ai|bot|confidant)\b"
+        ),
+    ),
+    (
+        "persona.device_mode",
+        0.45,
+        _rx(
+            r"\b(?:you|you'?re|yourself|assistant|chatgpt|ai|model)\b.{0,30}\b(?:developer|dev|"
+            r"sudo|admin|debug|maintenance|root)\s+mode\b(?!\s+(?:on|in|of|for)\s+(?:my|the|"
+            r"this|your)\s+(?:phone|device|android|iphone|laptop|computer|router|browser|app|"
+            r"car|tv|console))"
         ),
     ),
     (

@@ -187,7 +187,7 @@ _SECRETS: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "credential_assignment",
         re.compile(
-            r"(?i)\b(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|secret[_-]?key|"
+            r"(?i)(?<![a-z0-9])(?:password|passwd|pwd|passphrase|secret|client[_-]?secret|secret[_-]?key|"
             r"api[_-]?key|apikey|access[_-]?key|access[_-]?token|auth[_-]?token|private[_-]?key|"
             r"aws_secret_access_key)\b[\"']?\s{0,3}(?:[:=]|=>)\s{0,3}[\"']?"
             r"(?P<value>[^\s\"',;]{4,200})"
@@ -288,8 +288,10 @@ def _phone_shape_ok(body: str, context: bool) -> bool:
         return False
     if len(set(_NOT_SEPARATOR.sub("", body))) > 1:
         return False  # one kind of separator, as people write them
+    if [len(g) for g in groups] == [3, 2, 4]:
+        return False  # the shape of a US SSN (valid or not), not a phone number
     if body[0] == "0":  # national trunk prefix
-        return digits >= 9
+        return digits >= 9 and body[1] != "0"
     nanp = [len(g) for g in groups] == [3, 3, 4] and body[0] in "23456789"
     return nanp or (context and digits >= 8)
 
