@@ -163,3 +163,26 @@ def test_verify_is_cheap(policy: CachePolicy) -> None:
     for _ in range(200):
         policy.verify(new, cached, 0.9)
     assert (time.perf_counter() - started) / 200 < 0.002  # measured ~0.2 ms; 10x headroom
+
+
+@pytest.mark.parametrize(
+    ("new", "cached"),
+    [
+        ("Evening flights to Paris?", "Morning flights to Paris?"),  # not greetings here
+        ("Best hotels in Rome?", "Hotels in Rome?"),
+        ("When did the library open?", "When does the library open?"),  # tense
+        ("How well does the heater work?", "How does the heater work?"),
+    ],
+)
+def test_words_that_only_look_like_fillers_or_typos_count(
+    policy: CachePolicy, new: str, cached: str
+) -> None:
+    assert not policy.verify(new, cached, 0.95).hit
+
+
+def test_names_get_no_typo_tolerance() -> None:
+    policy = CachePolicy(vocabulary=set())  # every word unknown: only the name rule refuses
+    cached = "Is Dr Hansen on duty today?"
+    assert not policy.verify("Is Dr Hanson on duty today?", cached, 0.95).hit
+    assert policy.verify("Is Dr Hansen on dutty today?", cached, 0.95).hit
+    assert policy.verify("Is the museum open on Mondys?", "Is the museum open on Mondays?", 0.8).hit

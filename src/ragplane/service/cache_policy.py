@@ -68,7 +68,7 @@ def _wordset(words: str) -> frozenset[str]:
 # Disfluencies, interjections, politeness markers and hedges: inserting or deleting one
 # does not change what is asked.
 _FILLERS = _wordset("""
-    um umm ummm uh uhh uhm er erm ah ahh oh hmm mm so well okay ok yeah yep yes right
+    um umm ummm uh uhh uhm er erm ah ahh oh hmm mm so okay ok yeah yep yes
     please pls plz kindly just actually basically really honestly literally simply
     usually normally typically generally roughly approximately""")
 # Determiners whose presence or choice rarely changes the question.
@@ -77,7 +77,11 @@ _DETERMINERS = _wordset("a an the any some my")
 # words, or equal to one of the formulae below, is dropped.
 _DISCOURSE = _FILLERS | _wordset("""
     hi hello hey hiya howdy greetings morning afternoon evening dear team all there
-    everyone folks guys thanks thank thx ty cheers sorry regards best but and also""")
+    everyone folks guys thanks thank thx ty cheers sorry regards best but and also well
+    right""")
+# Words dropped from the start of a question even without a comma ("so um how do I");
+# not "morning", "best" or "all", which also start real questions.
+_LEADING = _FILLERS | _wordset("hi hello hey hiya howdy well right sorry but and")
 _FORMULAE = frozenset(
     {
         "good morning",
@@ -154,7 +158,8 @@ _DIRECTIONS = {
 _WH_MEASURES = _wordset("much many long often far old")  # "how long does it" / "will it"
 _WH_WORDS = _wordset("how what where when who whom which why")
 # After a wh-word these only carry mood: "where do I" / "where can I" / "where should I".
-_WH_MODALS = _wordset("do does did can could will would should shall may might")
+# Not "did" (past: "when did it open" / "when does it open") nor "must" (obligation).
+_WH_MODALS = _wordset("do does can could will would should shall may might")
 _BE_PRESENT = _wordset("is are am")
 _NEGATORS = _wordset("""not no never none nothing nobody nowhere neither nor without non cannot""")
 _WEEKDAYS = _wordset("""
@@ -394,7 +399,7 @@ def _strip_discourse(words: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
     changed = True
     while changed:
         changed = False
-        while kept and (kept[0][0] in _DISCOURSE or kept[0][0] in _BREAKS):
+        while kept and (kept[0][0] in _LEADING or kept[0][0] in _BREAKS):
             kept.pop(0)
             changed = True
         for ask in _LEADING_ASKS:
@@ -626,6 +631,8 @@ class CachePolicy:
         kinds = {x.kind, y.kind}
         if not kinds <= {"content", "anchor"} or not (x.text + y.text).isalpha():
             return False  # numbers, negators and function words must match exactly
+        if "anchor" not in kinds and (x.entity or y.entity):
+            return False  # names: "Austen" / "Austin" are two people ("Mondys": a weekday)
         shorter = min(len(x.text), len(y.text))
         if (
             shorter < self.typo_min_length - 1
