@@ -54,7 +54,9 @@ class InjectionEvidence:
 
 
 def _rx(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern, re.IGNORECASE | re.MULTILINE)
+    # the text is lower-cased once and patterns are written in lower case: matching
+    # without re.IGNORECASE is about twice as fast
+    return re.compile(pattern, re.MULTILINE)
 
 
 _INSTRUCTIONS_EN = (
@@ -150,8 +152,7 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         "persona.named_mode",
         0.6,
         _rx(
-            r"\b(?:as|be|become|are|called|named|play(?:ing)?|you'?re|now|hi|hello)\s+(?-i:DAN)\b|"
-            r"\b(?-i:DAN)\s+(?:mode|prompt|jailbreak|persona)\b|\bdo\s+anything\s+now\b|"
+            r"\bdo\s+anything\s+now\b|"
             r"\b(?:jailbreak|jailbroken|god|unrestricted|unfiltered|uncensored|evil|chaos)\s+mode\b|"
             r"\bevil\s+(?:twin|assistant|ai|bot|confidant)\b"
         ),
@@ -226,7 +227,7 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     (
         "exfiltration.markdown_image",
         0.5,
-        _rx(r"!\[[^\]]*\]\(https?://[^)\s]+\?[^)\s]*=(?:\{|\[|%7B|<|\$)"),
+        _rx(r"!\[[^\]]*\]\(https?://[^)\s]+\?[^)\s]*=(?:\{|\[|%7b|<|\$)"),
     ),
     (
         "exfiltration.multilingual",
@@ -247,8 +248,8 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
         _rx(
             r"</?\s*(?:system|assistant|sys|instructions?|admin|developer|im_start|im_end|"
             r"context|user_query|tool_result|untrusted)\s*>|<\|(?:im_start|im_end|system|"
-            r"assistant|user|endoftext|eot_id|start_header_id|end_header_id)\|>|\[/?INST\]|"
-            r"<</?SYS>>|\[/?(?:SYSTEM|ADMIN)\]|\{\{\s*system\s*\}\}|\[(?:system|assistant)\]\(#"
+            r"assistant|user|endoftext|eot_id|start_header_id|end_header_id)\|>|\[/?inst\]|"
+            r"<</?sys>>|\[/?(?:system|admin)\]|\{\{\s*system\s*\}\}|\[(?:system|assistant)\]\(#"
         ),
     ),
     (
@@ -662,6 +663,18 @@ _FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
     ),
 )
 
+# features that need the text's own case (matched on it, not on the lower-cased text)
+_CASED_FEATURES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
+    (
+        "persona.dan",
+        0.6,
+        re.compile(
+            r"(?i:\b(?:as|be|become|are|called|named|play(?:ing)?|you'?re|now|hi|hello))\s+DAN\b|"
+            r"\bDAN\s+(?i:mode|prompt|jailbreak|persona)\b"
+        ),
+    ),
+)
+
 _NORMALISE = str.maketrans(
     {
         "\u200b": "", "\u200c": "", "\u200d": "", "\u2060": "", "\ufeff": "", "\u00ad": "",
@@ -691,11 +704,12 @@ _MORSE_CODE = {
     "--...": "7", "---..": "8", "----.": "9",
 }  # fmt: skip
 # words at least one feature needs; decoded variants without any are not scored
-_TRIGGER = _rx(
+_TRIGGER = re.compile(
     r"ignor|disregard|forget|instruc|system|prompt|rule|reveal|pretend|bypass|overrid|"
     r"restrict|previous|jailbr|\bdan\b|developer|assistant|\bai\b|send|mail|call|polic|"
     r"filter|safety|secret|password|credential|key|token|role|persona|act\b|behave|you|"
-    r"decode|execute|tool|\buser|respon|answer|repl"
+    r"decode|execute|tool|\buser|respon|answer|repl",
+    re.IGNORECASE,
 )
 _MAX_SCAN = 20_000  # characters scored; an injection longer than this is split by the caller
 
@@ -743,8 +757,13 @@ def _printable(raw: bytes) -> str | None:
 class HeuristicInjectionClassifier:
     """Scores text 0..1 for prompt injection with weighted, general heuristics."""
 
-    def __init__(self, features: tuple[tuple[str, float, re.Pattern[str]], ...] = _FEATURES):
-        self._features = features
+    def __init__(
+        self,
+        features: tuple[tuple[str, float, re.Pattern[str]], ...] = _FEATURES,
+        cased_features: tuple[tuple[str, float, re.Pattern[str]], ...] = _CASED_FEATURES,
+    ) -> None:
+        self._features = features  # patterns in lower case, matched on the lower-cased text
+        self._cased = cased_features
 
     def score(self, text: str) -> float:
         return self.evidence(text).score
@@ -784,16 +803,21 @@ class HeuristicInjectionClassifier:
         spans: list[tuple[int, int]] | None,
         prefix: str,
     ) -> None:
-        for name, weight, pattern in self._features:
-            key = f"{prefix}{name}"
-            if hits.get(key, 0.0) >= weight:
-                continue
-            m = pattern.search(text)
-            if m is None:
-                continue
-            hits[key] = weight
-            if spans is not None:
-                spans.append(m.span())
+        low = text.lower()
+        if spans is not None and len(low) != len(text):
+            spans.append((0, len(text)))  # lower() moved offsets: the whole text
+            spans = None
+        for features, subject in ((self._features, low), (self._cased, text)):
+            for name, weight, pattern in features:
+                key = f"{prefix}{name}"
+                if hits.get(key, 0.0) >= weight:
+                    continue
+                m = pattern.search(subject)
+                if m is None:
+                    continue
+                hits[key] = weight
+                if spans is not None:
+                    spans.append(m.span())
 
     def _variants(self, text: str) -> list[tuple[str, str]]:
         """Obfuscated spellings of the text, undone: leetspeak, spacing, ROT13, reversal."""
