@@ -68,6 +68,8 @@ TABLE_SHAPES: dict[str, tuple[str, str]] = {
     "public.ingest_jobs": ("id", "namespace"),
     "public.ingest_uploads": ("id", "source_uri"),
     "public.llm_ledger": ("id", "request_id"),
+    "public.semantic_cache": ("id", "answer"),
+    "public.eval_samples": ("request_id", "answer"),
 }
 
 # Tables the application role may only insert into and read (no UPDATE, no DELETE):
@@ -376,6 +378,23 @@ def insert_statement(
             "gen_random_uuid(), now(), %s, 'support-quality', 'openai', false, 'ok', 200, 1, "
             "12.5, %s) RETURNING id::text",
             (tenant, marker, n),
+            marker,
+        )
+    if table == "public.semantic_cache":
+        # a 3-dimensional vector: the column takes any dimension (each scope has one model)
+        return (
+            "INSERT INTO semantic_cache (tenant_id, scope, query_key, query, embedding_model, "
+            "embedding, answer, model_alias, namespace, kb_version, expires_at) VALUES (%s, "
+            "'scope', %s, %s, 'test-3d', %s::vector, %s, 'support-quality', 'default', 1, "
+            "now() + interval '1 hour') RETURNING id::text",
+            (tenant, f"key-{n}", f"question {n}", f"[{n + 1},{len(tenant)},0.5]", marker),
+            marker,
+        )
+    if table == "public.eval_samples":
+        return (
+            "INSERT INTO eval_samples (tenant_id, request_id, query, answer) "
+            "VALUES (%s, %s, %s, %s) RETURNING request_id",
+            (tenant, f"req_{tenant}_{n:04d}", f"question {n}", marker),
             marker,
         )
     raise AssertionError(f"no insert statement for {table}; add it to the isolation suite")

@@ -647,6 +647,18 @@ PK_PROBES: dict[str, tuple[str, Any]] = {
         "'probe', 'probe', 'openai', false, 'ok', 200, 1, 1)",
         lambda: str(uuid.uuid4()),
     ),
+    "public.semantic_cache": (
+        "INSERT INTO semantic_cache (id, tenant_id, scope, query_key, query, embedding_model, "
+        "embedding, answer, model_alias, namespace, kb_version, expires_at) VALUES (%(pk)s, "
+        "%(tenant)s, 'probe', %(uri)s, 'probe', 'test-3d', '[1,2,3]', 'probe', 'probe', "
+        "'default', 1, now())",
+        lambda: str(uuid.uuid4()),
+    ),
+    "public.eval_samples": (
+        "INSERT INTO eval_samples (request_id, tenant_id, query, answer) "
+        "VALUES (%(pk)s, %(tenant)s, 'probe', 'probe')",
+        lambda: f"req_probe_{uuid.uuid4().hex}",
+    ),
 }
 
 

@@ -8,6 +8,7 @@ import sys
 # each module registers its commands; imported in the order `ragplane --help` lists them
 from ragplane.cli import serve  # noqa: F401
 from ragplane.cli import admin  # noqa: F401
+from ragplane.cli import chat  # noqa: F401
 from ragplane.cli import bench  # noqa: F401
 
 # isort: on
