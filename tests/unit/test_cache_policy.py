@@ -186,3 +186,9 @@ def test_names_get_no_typo_tolerance() -> None:
     assert not policy.verify("Is Dr Hanson on duty today?", cached, 0.95).hit
     assert policy.verify("Is Dr Hansen on dutty today?", cached, 0.95).hit
     assert policy.verify("Is the museum open on Mondys?", "Is the museum open on Mondays?", 0.8).hit
+    assert not policy.verify("Is this rash atypical?", "Is this rash typical?", 0.95).hit
+    assert not policy.verify("Is the loft unfurnished?", "Is the loft furnished?", 0.95).hit
+
+
+def test_empty_queries_never_hit(policy: CachePolicy) -> None:
+    assert policy.verify(" ?! ", "", 1.0) == CacheVerdict(False, "empty")

@@ -156,6 +156,8 @@ _DIRECTIONS = {
     "for": "target",
 }
 _WH_MEASURES = _wordset("much many long often far old")  # "how long does it" / "will it"
+# Prefixes that make another word (often the opposite): never read as a typo.
+_PREFIXES = _wordset("a an un in im il ir non dis de mis anti re pre post over under co ex")
 _WH_WORDS = _wordset("how what where when who whom which why")
 # After a wh-word these only carry mood: "where do I" / "where can I" / "where should I".
 # Not "did" (past: "when did it open" / "when does it open") nor "must" (obligation).
@@ -542,7 +544,10 @@ class CachePolicy:
 
         ``similarity`` is the cosine of the two queries' embeddings (from the look-up).
         """
-        if self.normalise(query) == self.normalise(cached_query):
+        key = self.normalise(query)
+        if not key:
+            return CacheVerdict(False, "empty")
+        if key == self.normalise(cached_query):
             return CacheVerdict(True, "exact")
         if similarity < self.min_similarity:
             return CacheVerdict(False, "below_threshold")
@@ -641,6 +646,9 @@ class CachePolicy:
             return False
         if x.text in self.vocabulary and y.text in self.vocabulary:
             return False  # two real words: a substitution, not a typo
+        short, long = sorted((x.text, y.text), key=len)
+        if long.endswith(short) and long[: len(long) - len(short)] in _PREFIXES:
+            return False  # "furnished" / "unfurnished": a prefix, not a typo
         limit = 2 if shorter >= self.typo_two_edit_length else 1
         return _osa_distance(x.text, y.text, limit) <= limit
 
