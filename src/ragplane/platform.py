@@ -42,6 +42,7 @@ from ragplane.edge.tenancy import Edge
 from ragplane.errors import ConfigError, RagplaneError
 from ragplane.gateway.runtime import Gateway
 from ragplane.observe.logging import get_logger
+from ragplane.service.admin_api import router as admin_router
 from ragplane.service.api import router as platform_router
 from ragplane.service.chat_api import router as chat_router
 from ragplane.service.documents import router as documents_router
@@ -109,6 +110,7 @@ class Platform:
         self.flags: FlagStore | None = None
         self._gateway_http: httpx.AsyncClient | None = None
         self._service_key = ""
+        self.owner_db: Database | None = None  # admin API writes (flags), when configured
 
     async def start(self) -> None:
         s = self.settings
@@ -127,6 +129,9 @@ class Platform:
             timeout_s=s.database.connect_timeout_s,
         )
         await self.db.open()
+        if self.urls.owner is not None:  # connects on first use
+            self.owner_db = Database(self.urls.owner, min_size=0, max_size=1, name="owner")
+            await self.owner_db.open()
         # tenant and key changes pushed by Postgres: the caches below forget at once
         self.changes = ControlChanges(self.db)
         await self.changes.start()
@@ -356,6 +361,8 @@ class Platform:
             await self.gateway.stop()  # drains the ledger: before the database closes
         if self.changes is not None:
             await self.changes.stop()
+        if self.owner_db is not None:
+            await self.owner_db.close()
         if self.db is not None:
             await self.db.close()
         if self._http is not None:
@@ -411,6 +418,7 @@ def create_app(settings: Settings, *, platform: Platform | None = None) -> FastA
     app.include_router(documents_router)
     app.include_router(kbmodel_router)
     app.include_router(chat_router)
+    app.include_router(admin_router)
     app.mount("/gateway", _GatewayMount(plat))
     return app
 

@@ -392,3 +392,45 @@ async def test_every_provider_down_answers_from_cache_offline_or_fails_clearly(
     r = await _ask(client, "How do I wash a down sleeping bag?")
     assert r.status_code in (502, 503)
     assert r.json()["error"]["code"] in ("no_healthy_route", "upstream_unavailable")
+
+
+def _token(platform: Any, tenant: str, *roles: str) -> str:
+    a = platform.settings.auth
+    token: str = platform.dev_keys.mint(
+        tenant,
+        issuer=a.issuer,
+        audience=a.audience,
+        ttl_s=600,
+        tenant_claim=a.tenant_claim,
+        roles=roles,
+    )
+    return token
+
+
+async def test_the_admin_api_flips_the_kill_switch_for_platform_admins_only(
+    pg: PgCluster, chat: httpx.AsyncClient
+) -> None:
+    platform = chat.platform  # type: ignore[attr-defined]
+    tenant_admin = {"authorization": f"Bearer {_token(platform, 'tnt_alpha', 'admin')}"}
+    r = await chat.put(
+        f"/v1/admin/flags/{AI_INFERENCE_ENABLED}", json={"enabled": False}, headers=tenant_admin
+    )
+    assert (r.status_code, r.json()["error"]["code"]) == (403, "not_platform_admin")
+    admin = {"authorization": f"Bearer {_token(platform, 'tnt_alpha', 'platform-admin')}"}
+    r = await chat.put(
+        f"/v1/admin/flags/{AI_INFERENCE_ENABLED}", json={"enabled": False}, headers=admin
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["enabled"] is False
+    assert "tnt_alpha" in r.json()["updated_by"]
+    listed = (await chat.get("/v1/admin/flags", headers=admin)).json()
+    assert {f["name"]: f["enabled"] for f in listed}[AI_INFERENCE_ENABLED] is False
+    await asyncio.sleep(1.0)
+    r = await _ask(chat, "How do I reproof a waterproof jacket?")
+    assert r.json()["error"]["code"] == "inference_disabled"
+    r = await chat.put("/v1/admin/flags/Bad_Name", json={"enabled": True}, headers=admin)
+    assert r.status_code == 422
+    r = await chat.put(
+        f"/v1/admin/flags/{AI_INFERENCE_ENABLED}", json={"enabled": True}, headers=admin
+    )
+    assert r.json()["enabled"] is True
