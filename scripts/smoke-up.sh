@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The README's first command, checked: `make up` in a fresh data directory
-# must print a URL and a demo token, and /ready must answer 200. Prints how
+# must print a URL and a demo token, and /ready must answer 200; then the
+# platform smoke test (`ragplane smoke`): a question about the demo knowledge
+# base gets citations, and the same question again is a cache hit. Prints how
 # long it took from the command to ready.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,4 +26,5 @@ token=$(grep -E '^eyJ' "$log" | tail -n 1)
 [ -n "$token" ] || { cat "$log"; echo "no demo token printed" >&2; exit 1; }
 tenant=$(curl -s -H "Authorization: Bearer $token" "http://127.0.0.1:$port/v1/whoami" | python3 -c 'import json,sys; print(json.load(sys.stdin)["tenant_id"])')
 echo "make up: ready in $(python3 -c "print(round($ready - $start, 1))") s; /ready -> $code; demo token -> $tenant"
-[ "$code" = 200 ] && [ "$tenant" = tnt_acme_eu ]
+{ [ "$code" = 200 ] && [ "$tenant" = tnt_acme_eu ]; } || { cat "$log"; echo "not ready or wrong demo tenant" >&2; exit 1; }
+.venv/bin/ragplane smoke "http://127.0.0.1:$port" --tenant tnt_acme_eu
