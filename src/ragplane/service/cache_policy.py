@@ -236,6 +236,9 @@ _BARE_CONTRACTIONS = {
     "thats": "that is",
     "theres": "there is",
 }
+_CONTRACTION_PATTERNS = tuple(
+    (re.compile(rf"\b{short}\b", re.IGNORECASE), long) for short, long in _CONTRACTIONS.items()
+)
 _AMBIGUOUS_MONTHS = frozenset({"may", "march"})  # months only when capitalised
 _SIGN_OFFS = _wordset("thanks thank thx ty cheers please")
 _IS_BEFORE = _wordset("what where who how when why which that there here it he she this")
@@ -287,8 +290,8 @@ def _fold(query: str) -> str:
 
 
 def _expand(text: str) -> str:
-    for short, long in _CONTRACTIONS.items():
-        text = re.sub(rf"\b{short}\b", long, text, flags=re.IGNORECASE)
+    for pattern, long in _CONTRACTION_PATTERNS:
+        text = pattern.sub(long, text)
     text = _NT.sub(r"\1 not", text)
 
     def clitic(m: re.Match[str]) -> str:
