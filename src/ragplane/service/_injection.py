@@ -711,7 +711,10 @@ _TRIGGER = re.compile(
     r"decode|execute|tool|\buser|respon|answer|repl",
     re.IGNORECASE,
 )
-_MAX_SCAN = 20_000  # characters scored; an injection longer than this is split by the caller
+# a long text is scored in windows of this many characters (overlapping by _OVERLAP),
+# and its score is the best window's: padding cannot push an injection out of sight
+_WINDOW = 8_000
+_OVERLAP = 400
 
 
 def _decode_base64(blob: str) -> str | None:
@@ -770,7 +773,18 @@ class HeuristicInjectionClassifier:
 
     def evidence(self, text: str) -> InjectionEvidence:
         """The score with the features that fired and the span that holds them."""
-        text = text[:_MAX_SCAN]
+        if len(text) <= _WINDOW:
+            return self._evidence(text)
+        best = InjectionEvidence(0.0, (), 0, 0)
+        for offset in range(0, len(text) - _OVERLAP, _WINDOW - _OVERLAP):
+            found = self._evidence(text[offset : offset + _WINDOW])
+            if found.score > best.score:
+                best = InjectionEvidence(
+                    found.score, found.features, offset + found.start, offset + found.end
+                )
+        return best
+
+    def _evidence(self, text: str) -> InjectionEvidence:
         hits: dict[str, float] = {}
         spans: list[tuple[int, int]] = []
         plain = unicodedata.normalize("NFKC", text).translate(_NORMALISE)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 __all__ = [
     "PII_KINDS",
     "Finding",
+    "es_dni_valid",
+    "fr_nir_valid",
     "iban_valid",
     "luhn_valid",
     "scan_pii",

@@ -19,9 +19,10 @@ the redacted text to use downstream. When a request is blocked, ``reason`` is a
 stable code (see :data:`REASON_CODES`) the API can return as is.
 
 Everything is CPU-only and pure Python (compiled regular expressions and small
-checksums): a few hundred characters take well under a millisecond. The injection
-classifier is a :class:`typing.Protocol`, so a model can replace the heuristics
-without touching the callers.
+checksums): a typical query takes about 0.2 ms, a few hundred characters under about
+1 ms (``ragplane bench guard``). The injection classifier is a
+:class:`typing.Protocol`, so a model can replace the heuristics without touching the
+callers.
 """
 
 from __future__ import annotations
