@@ -192,3 +192,12 @@ def test_names_get_no_typo_tolerance() -> None:
 
 def test_empty_queries_never_hit(policy: CachePolicy) -> None:
     assert policy.verify(" ?! ", "", 1.0) == CacheVerdict(False, "empty")
+
+
+def test_quoted_text_must_match(policy: CachePolicy) -> None:
+    cached = 'What does the error "disk not ready" mean?'
+    assert policy.verify('what does the error "Disk  not ready" mean', cached, 0.9).hit
+    verdict = policy.verify('What does the error "disk ready" mean?', cached, 0.99)
+    assert verdict == CacheVerdict(False, "anchor_mismatch")
+    verdict = policy.verify('What does the error "um" mean?', 'What does the error "" mean?', 0.99)
+    assert not verdict.hit
