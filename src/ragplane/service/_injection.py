@@ -795,9 +795,12 @@ class HeuristicInjectionClassifier:
         for name, variant in self._variants(plain):
             if not _TRIGGER.search(variant):
                 continue  # no word any feature starts from: skip the full pass
-            before = len(hits)
-            self._match(variant, hits, None, name)
-            if len(hits) > before:
+            found: dict[str, float] = {}
+            self._match(variant, found, None, name)
+            # what the plain text already showed is not counted twice
+            new = {k: w for k, w in found.items() if k.removeprefix(name) not in hits}
+            if new:
+                hits.update(new)
                 spans.append((0, len(text)))
         for m in _BASE64.finditer(plain):
             self._encoded(_decode_base64(m.group()), "base64", hits, spans, m.span())
