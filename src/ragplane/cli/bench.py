@@ -488,3 +488,64 @@ def bench_guard(
     for t in report["targets"]:
         verdict = {True: "[green]met[/]", False: "[red]not met[/]", None: "n/a"}[t["met"]]
         out.print(f"{t['goal']}: {verdict} ({t['measured']})", highlight=False)
+
+
+@bench_app.command("chat")
+def bench_chat(
+    dataset: Annotated[Path, typer.Option(help="BEIR-format directory (corpus, queries, qrels).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    limit: Annotated[int | None, typer.Option(help="Ingest only the first N documents.")] = None,
+    streams: Annotated[int, typer.Option(min=1, help="Concurrent SSE requests.")] = 200,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds of concurrent streams.")] = 3,
+    db_dir: Annotated[
+        Path | None,
+        typer.Option(help="Keep the database in this directory and reuse it (skips ingest)."),
+    ] = None,
+) -> None:
+    """/v1/chat end to end over HTTP with the mock provider: cache misses and hits, the
+    platform's own overhead per step (from the request log's spans), and concurrent
+    streams with the server's memory."""
+    import json
+    import tempfile
+
+    from ragplane.evals.bench_chat import run_chat_bench
+    from ragplane.evals.bench_retrieval import load_beir
+
+    data = load_beir(dataset)
+    with _throwaway_database(db_dir) as urls, tempfile.TemporaryDirectory() as work:
+        result = _run(
+            run_chat_bench(
+                urls,
+                data,
+                Path(work),
+                limit_documents=limit,
+                streams=streams,
+                rounds=rounds,
+                progress=lambda msg: err.print(f"[dim]{msg}[/]"),
+            )
+        )
+    report = result.as_json()
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    out.print(
+        f"{dataset.name}: {result.documents:,} documents, {result.chunks:,} chunks, "
+        f"{result.queries} queries; mock provider {result.mock}"
+    )
+    table = Table("measure", "n", "p50 ms", "p95 ms", "target")
+    rows = [
+        ("cache miss, end to end", result.miss_latency, ""),
+        ("cache hit, end to end", result.hit_latency, "p95 <= 20"),
+        ("miss overhead (guard+cache+embed+retrieve+assemble)", result.overhead, "p95 <= 60"),
+        ("lifecycle start -> gateway call", result.pre_generation, ""),
+    ]
+    for name, s, target in rows:
+        table.add_row(name, str(s.get("n")), str(s.get("p50_ms")), str(s.get("p95_ms")), target)
+    out.print(table)
+    steps = Table("step (spans)", "n", "p50 ms", "p95 ms", title="per step, cache-miss requests")
+    for name, s in result.steps.items():
+        steps.add_row(name, str(s["n"]), str(s["p50_ms"]), str(s["p95_ms"]))
+    out.print(steps)
+    out.print(f"hit rate on the second pass: {result.hit_rate:.1%}")
+    out.print(f"streams: {report['streams']}")
+    out.print(f"targets: {report['targets']}")

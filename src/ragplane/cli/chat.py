@@ -115,7 +115,7 @@ def _error_text(r: Any) -> str:
         e = r.json()["error"]
         return f"{e['code']}: {e['message']} (request {e['request_id']})"
     except (ValueError, KeyError, TypeError):
-        return r.text[:300]
+        return str(r.text[:300])
 
 
 @app.command()

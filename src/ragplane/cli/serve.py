@@ -227,6 +227,10 @@ def mock_provider(
     ttft_ms: Annotated[float, typer.Option(min=0, help="Headers to first token.")] = 0.0,
     tokens_per_s: Annotated[float, typer.Option(min=0, help="Stream pace; 0: unpaced.")] = 0.0,
     output_tokens: Annotated[int, typer.Option(min=1, help="Answer length.")] = 16,
+    grounded: Annotated[
+        bool,
+        typer.Option(help="Answer RAG prompts by quoting each passage's first sentence, cited."),
+    ] = False,
     fault: Annotated[
         list[str] | None, typer.Option(help="Fault spec, e.g. 503, 429:2, cut:3 (repeatable).")
     ] = None,
@@ -254,6 +258,7 @@ def mock_provider(
         ttft_ms=ttft_ms,
         tokens_per_s=tokens_per_s,
         output_tokens=output_tokens,
+        grounded=grounded,
         cached_tokens=cached_tokens,
         faults=tuple(FaultRule(f, rate=fault_rate, count=fault_count) for f in fault or ()),
         seed=seed,

@@ -121,6 +121,7 @@ class MockProviderConfig:
     ttft_ms: float = 0.0
     tokens_per_s: float = 0.0
     output_tokens: int = 16  # answer length when max_tokens does not cap it
+    grounded: bool = False  # answer RAG prompts by quoting their passages (grounded_pieces)
     embedding_dimensions: int = 384
     cached_tokens: int = 0  # OpenAI prompt_tokens_details.cached_tokens
     reasoning_tokens: int = 0  # OpenAI completion_tokens_details.reasoning_tokens

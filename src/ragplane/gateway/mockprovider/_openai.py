@@ -15,6 +15,7 @@ from ragplane.gateway.mockprovider._text import (
     answer_pieces,
     embedding,
     embedding_base64,
+    grounded_pieces,
     json_pieces,
     sample_for_schema,
     text_tokens,
@@ -160,7 +161,9 @@ async def chat_completions(call: Call) -> web.StreamResponse:
             "function": {"name": tool["name"], "arguments": "".join(pieces)},
         }
     else:
-        pieces = _content_pieces(body.get("response_format"), last_user, n)
+        pieces = _content_pieces(
+            body.get("response_format"), last_user, n, grounded=call.state.config.grounded
+        )
     answer = _Answer(
         id=f"chatcmpl-mock{call.number}",
         created=int(time.time()),
@@ -246,7 +249,9 @@ async def _stream(call: Call, a: _Answer) -> web.StreamResponse:
     )
 
 
-def _content_pieces(response_format: Any, prompt: str, n: int) -> list[str]:
+def _content_pieces(
+    response_format: Any, prompt: str, n: int, *, grounded: bool = False
+) -> list[str]:
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     if kind == "json_schema":
         schema = (response_format.get("json_schema") or {}).get("schema")
@@ -254,7 +259,7 @@ def _content_pieces(response_format: Any, prompt: str, n: int) -> list[str]:
     if kind == "json_object":  # '{"answer": "' + escaped words + '"}', valid when joined
         words = answer_pieces(prompt, max(1, n - 2))
         return ['{"answer": "', *(orjson.dumps(w).decode()[1:-1] for w in words), '"}']
-    return answer_pieces(prompt, n)
+    return grounded_pieces(prompt, n) if grounded else answer_pieces(prompt, n)
 
 
 async def embeddings(call: Call) -> web.StreamResponse:

@@ -12,6 +12,7 @@ import base64
 import functools
 import hashlib
 import math
+import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = [
     "answer_pieces",
     "embedding",
     "embedding_base64",
+    "grounded_pieces",
     "json_pieces",
     "sample_for_schema",
     "text_tokens",
@@ -48,6 +50,26 @@ def answer_pieces(prompt: str, n: int) -> list[str]:
     words = [*prompt.split()[:64], *LOREM]
     pieces = [words[i % len(words)] for i in range(n)]
     return [pieces[0], *(" " + w for w in pieces[1:])] if pieces else []
+
+
+_PASSAGE = re.compile(r"^\[(\d{1,3})\][^\n]*\n(.+?)(?=\n\s*\n|\Z)", re.MULTILINE | re.DOTALL)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def grounded_pieces(prompt: str, n: int) -> list[str]:
+    """A RAG prompt answered the way a grounded model answers it: the first sentence of
+    each numbered passage (``[1] Title`` then its text), verbatim and followed by its
+    marker, while they fit in ``n`` word pieces; no passages: :func:`answer_pieces`."""
+    words: list[str] = []
+    for m in _PASSAGE.finditer(prompt):
+        sentence = _SENTENCE_END.split(m.group(2).strip(), maxsplit=1)[0].split()
+        cited = [*sentence, f"[{m.group(1)}]"]
+        if words and len(words) + len(cited) > n:
+            break
+        words += cited
+    if not words:
+        return answer_pieces(prompt, n)
+    return [words[0], *(" " + w for w in words[1:])]
 
 
 def json_pieces(value: Any) -> list[str]:
