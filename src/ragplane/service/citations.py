@@ -220,5 +220,5 @@ def verify_citations(answer: str, context: AssembledContext) -> VerifiedAnswer:
     for start, end in sorted(remove, reverse=True):
         text = text[:start] + text[end:]
     if remove:
-        text = re.sub(r"[ \t]+([.,;:!?])", r"\1", re.sub(r"[ \t]{2,}", " ", text))
+        text = re.sub(r"[ \t]+([.,;:!?])", r"\1", re.sub(r"[ \t]{2,}", " ", text)).rstrip()
     return VerifiedAnswer(text, tuple(citations.values()), len(remove))

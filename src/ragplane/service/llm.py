@@ -304,6 +304,7 @@ class _Body(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         self._gone.set()  # the app sees http.disconnect
+        await asyncio.sleep(0)  # and may end on its own
         if not self._task.done():
             self._task.cancel()
         with contextlib.suppress(BaseException):
