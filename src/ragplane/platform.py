@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ragplane import __version__
 from ragplane.config import Region, Settings
 from ragplane.control.changes import ControlChanges
-from ragplane.control.namespaces import get_namespace
+from ragplane.control.namespaces import NamespaceRegistry, get_namespace
 from ragplane.control.tenants import TenantRegistry, add_tenant
 from ragplane.data import Database, DatabaseUrls, EmbeddedPostgres
 from ragplane.edge.auth import (
@@ -111,6 +111,7 @@ class Platform:
         self._gateway_http: httpx.AsyncClient | None = None
         self._service_key = ""
         self.owner_db: Database | None = None  # admin API writes (flags), when configured
+        self.namespaces: NamespaceRegistry | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -191,6 +192,12 @@ class Platform:
         )
         await self.events.start()
         self.flags = FlagStore(self.db, changes=self.changes, ttl_s=c.flags_refresh_s)
+        self.namespaces = NamespaceRegistry(
+            self.db,
+            ttl_s=s.edge.tenant_cache_s,
+            changes=self.changes,
+            listening_ttl_s=s.edge.tenant_cache_listening_s,
+        )
         self.chat = ChatService(
             c,
             s.gateway,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import psycopg
+import pytest
 
 from ragplane.config import EdgeSettings
 from ragplane.control.changes import ControlChanges
@@ -158,3 +159,45 @@ async def test_a_gateway_refuses_a_suspended_tenant_at_once_despite_a_long_cache
                 clean_db, f"UPDATE control.tenants SET status = 'active' WHERE id = '{TENANT}'"
             )
         await becomes(200)
+
+
+async def test_flag_changes_go_to_flag_subscribers_and_namespaces_are_forgotten(
+    clean_db: PgCluster, app_db: Database
+) -> None:
+    from ragplane.control.flags import FlagStore
+    from ragplane.control.namespaces import NamespaceNotFound, NamespaceRegistry
+
+    tenants: list[str | None] = []
+    flags: list[str | None] = []
+    changes = ControlChanges(app_db)
+    changes.subscribe(tenants.append)
+    changes.subscribe_flags(flags.append)
+    store = FlagStore(app_db, changes=changes, ttl_s=60, listening_ttl_s=600)
+    namespaces = NamespaceRegistry(app_db, changes=changes, ttl_s=60, listening_ttl_s=600)
+    await changes.start()
+    try:
+        assert await store.is_on("ai-inference-enabled")
+        _owner_sql(clean_db, "UPDATE control.flags SET enabled = false, updated_by = 't'")
+        await _until(lambda: flags[-1:] == ["ai-inference-enabled"])
+        assert tenants == [None]  # a flag is not a tenant
+        assert not await store.is_on("ai-inference-enabled")  # forgotten, read again
+        _owner_sql(
+            clean_db,
+            "INSERT INTO control.kb_namespaces (tenant_id, name, embedding_model) "
+            f"VALUES ('{TENANT}', 'cached', 'all-minilm-l6-v2')",
+        )
+        await _until(lambda: tenants[-1:] == [TENANT])
+        assert (await namespaces.get(TENANT, "cached")).chunking.max_tokens == 256
+        _owner_sql(
+            clean_db,
+            "UPDATE control.kb_namespaces SET chunk_max_tokens = 512 WHERE name = 'cached'",
+        )
+        await _until(lambda: tenants.count(TENANT) == 2)
+        assert (await namespaces.get(TENANT, "cached")).chunking.max_tokens == 512
+        _owner_sql(clean_db, "DELETE FROM control.kb_namespaces WHERE name = 'cached'")
+        await _until(lambda: tenants.count(TENANT) == 3)
+        with pytest.raises(NamespaceNotFound):
+            await namespaces.get(TENANT, "cached")
+    finally:
+        await changes.stop()
+        _owner_sql(clean_db, "UPDATE control.flags SET enabled = true, updated_by = 't'")

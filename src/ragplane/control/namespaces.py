@@ -8,14 +8,22 @@ creation and changes run on the owner's (admin commands).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ragplane.data import Session, validate_tenant_id
+from ragplane.control.changes import ControlChanges, cache_ttl
+from ragplane.data import Database, Session, validate_tenant_id
 from ragplane.errors import KnowledgeError
 from ragplane.knowledge.types import ChunkingPolicy
 
-__all__ = ["NamespaceConfig", "NamespaceNotFound", "get_namespace", "upsert_namespace"]
+__all__ = [
+    "NamespaceConfig",
+    "NamespaceNotFound",
+    "NamespaceRegistry",
+    "get_namespace",
+    "upsert_namespace",
+]
 
 
 class NamespaceNotFound(KnowledgeError):
@@ -34,12 +42,18 @@ class NamespaceConfig:
     retrieval: dict[str, Any] = field(default_factory=dict)
 
 
+_SELECT = (
+    "SELECT tenant_id, name, embedding_model, chunk_max_tokens, chunk_overlap_tokens, "
+    "retrieval FROM control.kb_namespaces WHERE tenant_id = %s AND name = %s"
+)
+
+
 async def get_namespace(session: Session, tenant_id: str, namespace: str) -> NamespaceConfig:
-    row = await session.fetch_one(
-        "SELECT tenant_id, name, embedding_model, chunk_max_tokens, chunk_overlap_tokens, "
-        "retrieval FROM control.kb_namespaces WHERE tenant_id = %s AND name = %s",
-        (tenant_id, namespace),
-    )
+    row = await session.fetch_one(_SELECT, (tenant_id, namespace))
+    return _config(row, tenant_id, namespace)
+
+
+def _config(row: dict[str, Any] | None, tenant_id: str, namespace: str) -> NamespaceConfig:
     if row is None:
         raise NamespaceNotFound(tenant_id, namespace)
     return NamespaceConfig(
@@ -79,3 +93,50 @@ async def upsert_namespace(
         ),
     )
     return await get_namespace(session, tenant_id, namespace)
+
+
+class NamespaceRegistry:
+    """Read-through cache of namespace configurations for the request path (``/v1/chat``).
+
+    Like the tenant registry: entries live ``ttl_s``, or ``listening_ttl_s`` while
+    ``changes`` listens (a change to a tenant's namespaces is pushed and forgets the
+    tenant's entries; a look-up under way when it came is not cached)."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        ttl_s: float = 5.0,
+        changes: ControlChanges | None = None,
+        listening_ttl_s: float = 300.0,
+    ) -> None:
+        self._db = db
+        self._ttl_s = ttl_s
+        self._changes = changes
+        self._listening_ttl_s = listening_ttl_s
+        self._cache: dict[tuple[str, str], tuple[float, NamespaceConfig]] = {}
+        self._generation = 0
+        if changes is not None:
+            changes.subscribe(self.forget)
+
+    def forget(self, tenant_id: str | None) -> None:
+        self._generation += 1
+        if tenant_id is None:
+            self._cache.clear()
+        else:
+            for key in [k for k in self._cache if k[0] == tenant_id]:
+                del self._cache[key]
+
+    async def get(self, tenant_id: str, namespace: str) -> NamespaceConfig:
+        key = (tenant_id, namespace)
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        ttl = cache_ttl(self._changes, self._ttl_s, self._listening_ttl_s)
+        if hit is not None and now - hit[0] < ttl:
+            return hit[1]
+        generation = self._generation
+        rows = await self._db.control_fetch(_SELECT, key)
+        config = _config(rows[0] if rows else None, tenant_id, namespace)
+        if generation == self._generation:
+            self._cache[key] = (now, config)
+        return config

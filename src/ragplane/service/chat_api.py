@@ -25,10 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ragplane.control.namespaces import NamespaceNotFound
 from ragplane.edge.context import TenantContext
 from ragplane.edge.tenancy import request_context, tenant_context
+from ragplane.errors import NotFound
 from ragplane.service.chat import ChatEvent, ChatRequest, ChatService
-from ragplane.service.documents import namespace_or_404
 from ragplane.service.sessions import parse_session_id
 
 __all__ = ["router"]
@@ -120,7 +121,12 @@ async def chat(
     platform = request.app.state.platform
     service: ChatService = platform.chat
     tenant = await platform.edge.registry.get(ctx.tenant_id)
-    namespace = await namespace_or_404(platform.db, ctx.tenant_id, body.kb)
+    try:
+        namespace = await platform.namespaces.get(ctx.tenant_id, body.kb)
+    except NamespaceNotFound:
+        raise NotFound(
+            f"no knowledge base {body.kb!r} for this tenant", code="namespace_not_found"
+        ) from None
     prepared = service.prepare(
         ctx,
         tenant,
