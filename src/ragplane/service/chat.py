@@ -286,9 +286,13 @@ class ChatService:
         if p.request.session_id is not None and s.history_turns:
             with t.span("session"):
                 history = await self.sessions.history(tenant_id, p.session_id)
+        with t.span("flags"):
+            inference_on = await self.flags.is_on(AI_INFERENCE_ENABLED, tenant_id)
         rewritten = False
         if history:
-            query = await self._rewrite(p, query, history, reason="follow_up")
+            query = await self._rewrite(
+                p, query, history, reason="follow_up", use_model=inference_on
+            )
             rewritten = True
         else:
             t.counters["rewrite_skipped"] += 1
@@ -309,8 +313,6 @@ class ChatService:
                 async for event in self._serve_cached(p, out, hit, mode="normal"):
                     yield event
                 return
-        with t.span("flags"):
-            inference_on = await self.flags.is_on(AI_INFERENCE_ENABLED, tenant_id)
         if not inference_on:
             t.counters["kill_switch"] += 1
             async for event in self._offline(
@@ -382,11 +384,22 @@ class ChatService:
         best = max((c.dense_score or 0.0 for c in found.chunks), default=0.0)
         return best < self.settings.rewrite_below_score
 
-    async def _rewrite(self, p: Prepared, query: str, history: list[Turn], *, reason: str) -> str:
+    async def _rewrite(
+        self,
+        p: Prepared,
+        query: str,
+        history: list[Turn],
+        *,
+        reason: str,
+        use_model: bool = True,
+    ) -> str:
         """A standalone question from the gateway's rewrite alias; if its answer is not a
-        usable question, the last user question and this one together (counted)."""
+        usable question (or inference is switched off), the last user question and this
+        one together (counted)."""
         t = p.trace
         t.counters[f"rewrite_{reason}"] += 1
+        if not use_model:
+            return _joined(query, history, t)
         transcript = "\n".join(f"{h.role}: {h.content}" for h in history)
         messages = [
             {"role": "system", "content": _REWRITE_PROMPT},
@@ -409,11 +422,7 @@ class ChatService:
             text = text.strip()
             usable = 0 < len(text) <= max(300, 3 * len(query)) and "could not find" not in text
             span["fallback"] = not usable
-        if usable:
-            return text
-        t.counters["rewrite_fallback"] += 1
-        last_user = next((h.content for h in reversed(history) if h.role == "user"), "")
-        return f"{last_user} {query}".strip() if last_user else query
+        return text if usable else _joined(query, history, t)
 
     async def _serve_cached(
         self, p: Prepared, out: _Outcome, hit: CacheHit, *, mode: str
@@ -636,6 +645,13 @@ class ChatService:
             )
         except RagplaneError as exc:
             log.warning("session_write_failed", error=str(exc))
+
+
+def _joined(query: str, history: list[Turn], t: Trace) -> str:
+    """The rewrite's fallback: the conversation's last question, then this one."""
+    t.counters["rewrite_fallback"] += 1
+    last_user = next((h.content for h in reversed(history) if h.role == "user"), "")
+    return f"{last_user} {query}".strip() if last_user else query
 
 
 def _split_finished(text: str) -> tuple[str, str]:

@@ -25,8 +25,10 @@ entry is served only if
 chunk (an unsupported answer is not worth repeating), with a TTL; a second answer to the
 same normalised query replaces the first.
 
-**Offline mode** (every provider down) looks up with ``offline_similarity`` as the
-threshold and the evidence check relaxed, and the service marks such answers ``offline``.
+**Offline mode** (every provider down, or inference switched off) looks up with
+``offline_similarity`` as the policy's cosine threshold for rewordings — the refusals of
+traps stay — and without the evidence check; the service marks such answers
+``offline`` and shows a banner.
 """
 
 from __future__ import annotations
@@ -124,10 +126,14 @@ class SemanticCache:
     ) -> None:
         self._db = db
         self.policy = policy
+        # offline: a lower cosine for rewordings, the same refusals of traps
+        self.offline_policy = CachePolicy(
+            min_similarity=min(policy.min_similarity, offline_similarity),
+            paraphrase_similarity=offline_similarity,
+        )
         self._ttl = timedelta(seconds=ttl_s)
         self._candidates = candidates
         self._evidence_margin = evidence_margin
-        self._offline_similarity = offline_similarity
 
     def query_key(self, query: str) -> str:
         return hashlib.sha256(self.policy.normalise(query).encode()).hexdigest()
@@ -163,23 +169,20 @@ class SemanticCache:
         reason = "empty"
         for r in rows:
             similarity = float(r["similarity"])
-            if offline:
-                if similarity < self._offline_similarity:
-                    reason = "below_threshold"
-                    continue
-                verdict_reason = "offline"
-            else:
-                verdict = self.policy.verify(query, r["query"], similarity)
-                if not verdict.hit:
-                    reason = verdict.reason
-                    continue
-                evidence_now = r["evidence_now"]
-                if evidence_now is None or (
-                    float(evidence_now) < float(r["evidence_similarity"]) - self._evidence_margin
-                ):
-                    reason = "evidence_drift"
-                    continue
-                verdict_reason = verdict.reason
+            verdict = (self.offline_policy if offline else self.policy).verify(
+                query, r["query"], similarity
+            )
+            if not verdict.hit:
+                reason = verdict.reason
+                continue
+            evidence_now = r["evidence_now"]
+            if not offline and (
+                evidence_now is None
+                or float(evidence_now) < float(r["evidence_similarity"]) - self._evidence_margin
+            ):
+                reason = "evidence_drift"  # offline: the answer is all there is
+                continue
+            verdict_reason = verdict.reason
             return (
                 CacheHit(
                     str(r["id"]),
