@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from ragplane.knowledge.models import EmbedderRegistry
     from ragplane.service.chat import ChatService
     from ragplane.service.events import EventSink
+    from ragplane.service.metrics import ChatMetrics
 
 __all__ = ["DEMO_TENANTS", "Platform", "create_app", "create_gateway_app", "database_urls"]
 
@@ -112,6 +113,7 @@ class Platform:
         self._service_key = ""
         self.owner_db: Database | None = None  # admin API writes (flags), when configured
         self.namespaces: NamespaceRegistry | None = None
+        self.metrics: ChatMetrics | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -166,6 +168,7 @@ class Platform:
         from ragplane.service.chat import ChatService
         from ragplane.service.events import EventSink
         from ragplane.service.llm import GatewayClient, InProcessTransport
+        from ragplane.service.metrics import ChatMetrics
         from ragplane.service.semcache import SemanticCache
         from ragplane.service.sessions import SessionStore
 
@@ -191,6 +194,7 @@ class Platform:
             flush_interval_s=c.events_flush_s,
         )
         await self.events.start()
+        self.metrics = ChatMetrics(self.events)
         self.flags = FlagStore(self.db, changes=self.changes, ttl_s=c.flags_refresh_s)
         self.namespaces = NamespaceRegistry(
             self.db,
@@ -215,6 +219,7 @@ class Platform:
             sessions=SessionStore(self.db, history_turns=c.history_turns),
             events=self.events,
             flags=self.flags,
+            metrics=self.metrics,
         )
 
     async def _seed_demo_kb(self) -> None:

@@ -1,4 +1,4 @@
-"""Platform endpoints: liveness, readiness and the caller's verified identity."""
+"""Platform endpoints: liveness, readiness, metrics and the caller's verified identity."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from ragplane.data import Database
 from ragplane.data.migrate import current_status
@@ -67,6 +67,16 @@ async def ready(request: Request) -> Ready | JSONResponse:
             request, 503, "not_ready", f"migrations pending: {pending} (run: ragplane db migrate)"
         )
     return Ready(status="ready", schema_version=st.current)
+
+
+@router.get("/metrics", tags=["platform"], response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics: the RAG lifecycle's steps, outcomes and queue."""
+    from ragplane.service.metrics import CONTENT_TYPE
+
+    chat_metrics = request.app.state.platform.metrics
+    body = chat_metrics.exposition() if chat_metrics is not None else b""
+    return Response(body, media_type=CONTENT_TYPE)
 
 
 @router.get("/v1/whoami", tags=["identity"])

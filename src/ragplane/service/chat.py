@@ -61,6 +61,7 @@ from ragplane.service.context import PROMPT_VERSION, AssembledContext, assemble,
 from ragplane.service.events import EvalSample, EventSink, RequestRecord
 from ragplane.service.guardrails import GuardPolicy, InputGuard, redact_pii
 from ragplane.service.llm import GatewayClient, LlmCallError, LlmDelta, LlmUsage
+from ragplane.service.metrics import ChatMetrics
 from ragplane.service.semcache import CacheHit, CacheScope, SemanticCache
 from ragplane.service.sessions import SessionStore, Turn
 
@@ -169,6 +170,7 @@ class ChatService:
         events: EventSink,
         flags: FlagStore,
         guard: InputGuard | None = None,
+        metrics: ChatMetrics | None = None,
     ) -> None:
         self.settings = settings
         self._gateway = gateway_settings
@@ -179,6 +181,7 @@ class ChatService:
         self.events = events
         self.flags = flags
         self.guard = guard or InputGuard()
+        self.metrics = metrics
         self._rng = random.Random()  # noqa: S311 -- sampling, not secrets
         alias = gateway_settings.aliases.get(settings.model_alias)
         if alias is not None:
@@ -220,6 +223,25 @@ class ChatService:
             span["findings"] = len(result.findings)
         if result.blocked:
             log.info("input_blocked", reason=result.reason, findings=len(result.findings))
+            t.counters["guard_blocked"] += 1
+            self._submit(
+                RequestRecord(
+                    tenant_id=ctx.tenant_id,
+                    request_id=ctx.request_id,
+                    trace_id=ctx.trace_id,
+                    route="/v1/chat",
+                    status=400,
+                    latency_ms=t.elapsed_ms(),
+                    session_id=request.session_id,
+                    namespace=namespace.name,
+                    model_alias=self.settings.model_alias,
+                    mode="normal",
+                    cache_hit=False,
+                    outcome=str(result.reason),
+                    spans=t.spans,
+                    counters=dict(t.counters),
+                )
+            )
             raise BadRequest(
                 f"the request was refused by the input guard ({result.reason})",
                 code=str(result.reason),
@@ -607,29 +629,32 @@ class ChatService:
                 out.contexts,
                 out.citations,
             )
-        self.events.submit(
-            RequestRecord(
-                tenant_id=p.ctx.tenant_id,
-                request_id=p.ctx.request_id,
-                trace_id=p.ctx.trace_id,
-                route="/v1/chat",
-                status=out.status,
-                latency_ms=p.trace.elapsed_ms(),
-                session_id=p.session_id,
-                namespace=p.namespace.name,
-                model_alias=self.settings.model_alias,
-                mode=out.mode,
-                cache_hit=out.cache_hit,
-                outcome=out.outcome,
-                input_tokens=out.usage.input_tokens,
-                output_tokens=out.usage.output_tokens,
-                cost_usd=out.cost_usd,
-                spans=p.trace.spans,
-                counters=dict(p.trace.counters),
-            ),
-            sample,
+        record = RequestRecord(
+            tenant_id=p.ctx.tenant_id,
+            request_id=p.ctx.request_id,
+            trace_id=p.ctx.trace_id,
+            route="/v1/chat",
+            status=out.status,
+            latency_ms=p.trace.elapsed_ms(),
+            session_id=p.session_id,
+            namespace=p.namespace.name,
+            model_alias=self.settings.model_alias,
+            mode=out.mode,
+            cache_hit=out.cache_hit,
+            outcome=out.outcome,
+            input_tokens=out.usage.input_tokens,
+            output_tokens=out.usage.output_tokens,
+            cost_usd=out.cost_usd,
+            spans=p.trace.spans,
+            counters=dict(p.trace.counters),
         )
+        self._submit(record, sample)
         p.answer = out.answer if out.outcome == "answered" else ""
+
+    def _submit(self, record: RequestRecord, sample: EvalSample | None = None) -> None:
+        self.events.submit(record, sample)
+        if self.metrics is not None:
+            self.metrics.observe(record)
 
     async def remember(self, p: Prepared) -> None:
         """Append the question and the answer to the session (after the response)."""
