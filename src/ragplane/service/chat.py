@@ -34,6 +34,7 @@ request-log row); a failure after the stream started ends it with an ``error`` e
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import time
@@ -130,17 +131,14 @@ class Prepared:
     """A request that passed steps 1-2; :meth:`ChatService.answer` runs the rest."""
 
     ctx: TenantContext
-    tenant: Tenant
     request: ChatRequest
     namespace: NamespaceConfig
     query: str  # after the input guard
     session_id: str
-    new_session: bool
     buffered: bool
     trace: Trace
     traceparent: str
     guard: GuardPolicy
-    redacted: tuple[str, ...]
     answer: str = ""  # set once answered: what the session records
 
 
@@ -221,6 +219,7 @@ class ChatService:
         with t.span("guard_input") as span:
             result = self.guard.scan(query, policy)
             span["findings"] = len(result.findings)
+            span["redacted"] = list(result.redacted)
         if result.blocked:
             log.info("input_blocked", reason=result.reason, findings=len(result.findings))
             t.counters["guard_blocked"] += 1
@@ -246,21 +245,17 @@ class ChatService:
                 f"the request was refused by the input guard ({result.reason})",
                 code=str(result.reason),
             )
-        new_session = request.session_id is None
         session_id = request.session_id or str(uuid.uuid4())
         return Prepared(
             ctx=ctx,
-            tenant=tenant,
             request=request,
             namespace=namespace,
             query=result.text,
             session_id=session_id,
-            new_session=new_session,
             buffered=tenant.output_mode == "buffered" or not request.stream,
             trace=t,
             traceparent=trace.traceparent,
             guard=policy,
-            redacted=result.redacted,
         )
 
     # -- steps 3-10 -------------------------------------------------------------------
@@ -276,6 +271,9 @@ class ChatService:
         except LlmCallError as exc:
             out.outcome, out.status = exc.code, exc.status
             yield "error", self._error(p, exc.code, str(exc), exc.status)
+        except (GeneratorExit, asyncio.CancelledError):  # the client left mid-answer
+            out.outcome, out.status = "client_closed", 499
+            raise
         except Exception as exc:  # the stream must end with an error event, never silently
             log.exception("chat_failed")
             out.outcome, out.status = "internal_error", 500
