@@ -314,8 +314,6 @@ class ChatService:
                 p, query, history, reason="follow_up", use_model=inference_on
             )
             rewritten = True
-        else:
-            t.counters["rewrite_skipped"] += 1
         scope = CacheScope(s.model_alias, p.namespace.name, PROMPT_VERSION, p.request.filters)
         model = p.namespace.embedding_model
         vector: npt.NDArray[np.float32] | None = None
@@ -330,6 +328,7 @@ class ChatService:
                     span["hit"] = hit is not None
                     span["reason"] = reason
             if hit is not None:
+                t.counters["rewrite_skipped"] += not rewritten
                 async for event in self._serve_cached(p, out, hit, mode="normal"):
                     yield event
                 return
@@ -356,23 +355,21 @@ class ChatService:
             if better != query:
                 query, rewritten = better, True
                 found = await self._retrieve(p, query, None)
-        elif not rewritten:
-            t.counters["rewrite_skipped"] += 1
+        t.counters["rewrite_skipped"] += not rewritten  # once per request that needed none
+        turns = [{"role": h.role, "content": h.content} for h in history]
         with t.span("assemble") as span:
             context = assemble(
                 found.chunks,
                 query,
                 context_window=self.context_window,
                 reserved_output=self.reserved_output,
-                history=[{"role": h.role, "content": h.content} for h in history],
+                history=turns,
             )
             span["passages"] = len(context.passages)
             span["tokens"] = context.tokens
         t.counters["context_duplicates"] += context.skipped_duplicates
         t.counters["context_over_budget"] += context.skipped_over_budget
-        messages = prompt_messages(
-            context, query, [{"role": h.role, "content": h.content} for h in history]
-        )
+        messages = prompt_messages(context, query, turns)
         out.contexts = [
             {"marker": x.marker, "chunk_id": x.chunk.chunk_id, "text": x.chunk.text}
             for x in context.passages
@@ -496,7 +493,7 @@ class ChatService:
         pending = ""
         sent_meta = False
         usage = LlmUsage()
-        span = None
+        guard_ms = 0.0  # redacting the released sentences
         try:
             with t.span("generate") as span:
                 stream = self.llm.stream(
@@ -524,8 +521,11 @@ class ChatService:
                     pending += piece.text
                     ready, pending = _split_finished(pending)
                     if ready:
-                        with t.span("guard_output_segment"):
-                            yield "delta", {"text": redact_pii(ready, p.guard).text}
+                        g0 = time.perf_counter()
+                        text = redact_pii(ready, p.guard).text
+                        guard_ms += (time.perf_counter() - g0) * 1000
+                        yield "delta", {"text": text}
+                span["guard_stream_ms"] = round(guard_ms, 3)
         except LlmCallError as exc:
             if exc.started or exc.code not in _OFFLINE_CODES:
                 raise
