@@ -327,6 +327,8 @@ class ChatService:
                     hit, reason = await self.cache.near(tenant_id, scope, query, vector, model)
                     span["hit"] = hit is not None
                     span["reason"] = reason
+                if hit is None:
+                    t.counters[f"cache_miss_{reason}"] += 1
             if hit is not None:
                 t.counters["rewrite_skipped"] += not rewritten
                 async for event in self._serve_cached(p, out, hit, mode="normal"):
