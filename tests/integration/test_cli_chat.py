@@ -104,3 +104,48 @@ def test_flags_set_and_list_are_audited(pg: PgCluster, tmp_path: Path) -> None:
     finally:
         owner_sql(pg, "DELETE FROM control.flags WHERE name = 'new-ranker'")
         owner_sql(pg, "DELETE FROM control.flag_audit WHERE name = 'new-ranker'")
+
+
+def test_tenants_policy_sets_and_checks_the_guard_policy(pg: PgCluster, tmp_path: Path) -> None:
+    env = {
+        **_base_env(),
+        "DATABASE_URL": pg.app,
+        "RAGPLANE_DATABASE__OWNER_URL": pg.owner,
+        "RAGPLANE_DATA_DIR": str(tmp_path),
+        "COLUMNS": "250",
+    }
+    runner = CliRunner()
+    try:
+        r = runner.invoke(
+            cli,
+            [
+                "tenants",
+                "policy",
+                "tnt_beta",
+                "--guard",
+                '{"actions": {"email": "block"}}',
+                "--output-mode",
+                "buffered",
+            ],
+            env=env,
+        )
+        assert r.exit_code == 0, r.output
+        assert "tnt_beta: output_mode buffered" in r.output
+        assert owner_sql(
+            pg, "SELECT guard_policy, output_mode FROM control.tenants WHERE id = 'tnt_beta'"
+        ) == [({"actions": {"email": "block"}}, "buffered")]
+        r = runner.invoke(cli, ["tenants", "policy", "tnt_beta", "--guard", "{nope"], env=env)
+        assert r.exit_code == 2
+        r = runner.invoke(
+            cli,
+            ["tenants", "policy", "tnt_beta", "--guard", '{"actions": {"email": "shout"}}'],
+            env=env,
+        )
+        assert r.exit_code != 0
+        assert "actions.email: unknown action 'shout'" in str(r.exception)
+        r = runner.invoke(
+            cli, ["tenants", "policy", "tnt_nobody", "--output-mode", "stream"], env=env
+        )
+        assert "not registered" in str(r.exception)
+    finally:
+        owner_sql(pg, "UPDATE control.tenants SET guard_policy = '{}', output_mode = 'stream'")

@@ -8,10 +8,19 @@ from typing import Annotated, Any
 
 import typer
 
-from ragplane.cli._common import ConfigOpt, DataDirOpt, _control, _settings, app, err, out
+from ragplane.cli._common import (
+    ConfigOpt,
+    DataDirOpt,
+    _control,
+    _settings,
+    app,
+    err,
+    out,
+    tenants_app,
+)
 from ragplane.errors import RagplaneError
 
-__all__ = ["ask", "flags_app", "smoke"]
+__all__ = ["ask", "flags_app", "smoke", "tenants_policy"]
 
 flags_app = typer.Typer(no_args_is_help=True, help="Feature flags and kill switches.")
 app.add_typer(flags_app, name="flags")
@@ -223,3 +232,51 @@ def flags_set(
         f"{flag.name}: {'on' if flag.enabled else 'off'} for {flag.rollout_percent}% of tenants"
         + (f" and {', '.join(flag.tenants)}" if flag.tenants else "")
     )
+
+
+@tenants_app.command("policy")
+def tenants_policy(
+    tenant_id: Annotated[str, typer.Argument(help="The tenant.")],
+    guard: Annotated[
+        str | None,
+        typer.Option(
+            help='Guard policy JSON, e.g. \'{"actions": {"email": "block"}, '
+            '"blocked_topics": ["crypto"]}\' (replaces the current one).'
+        ),
+    ] = None,
+    output_mode: Annotated[
+        str | None,
+        typer.Option(help="stream, or buffered: nothing is sent before the output guard."),
+    ] = None,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Show or set a tenant's guard policy and output mode (pushed to running processes)."""
+    import orjson
+
+    from ragplane.service.guardrails import GuardPolicy
+
+    if output_mode is not None and output_mode not in ("stream", "buffered"):
+        raise typer.BadParameter("expected stream or buffered", param_hint="--output-mode")
+    policy = None
+    if guard is not None:
+        try:
+            parsed = orjson.loads(guard)
+        except orjson.JSONDecodeError as exc:
+            raise typer.BadParameter(f"not JSON: {exc}", param_hint="--guard") from None
+        GuardPolicy.from_mapping(parsed)  # a wrong key or action is refused here, by name
+        policy = orjson.dumps(parsed).decode()
+
+    async def apply(session: Any) -> Any:
+        return await session.fetch_one(
+            "UPDATE control.tenants SET guard_policy = coalesce(%s::jsonb, guard_policy), "
+            "output_mode = coalesce(%s, output_mode), updated_at = now() WHERE id = %s "
+            "RETURNING guard_policy, output_mode",
+            (policy, output_mode, tenant_id),
+        )
+
+    row = _control(_settings(config, data_dir=data_dir), apply, as_owner=True)
+    if row is None:
+        raise RagplaneError(f"tenant {tenant_id!r} is not registered")
+    out.print(f"{tenant_id}: output_mode {row['output_mode']}", highlight=False)
+    out.print(f"guard_policy {orjson.dumps(row['guard_policy']).decode()}", highlight=False)
