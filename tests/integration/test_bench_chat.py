@@ -28,7 +28,9 @@ async def test_tiny_chat_bench(clean_db: PgCluster, tmp_path: Path) -> None:
     assert report["hit_rate"] > 0.9  # the grounded mock cites, so answers are cached
     assert report["hit_latency"]["p50_ms"] < report["miss_latency"]["p50_ms"]
     assert {"guard_input", "embed", "retrieve", "assemble", "generate"} <= set(report["steps"])
-    assert report["overhead"]["n"] == report["queries"]
+    # only misses that generated: a near repeat among the queries is answered from the cache
+    assert report["queries"] - 2 <= report["overhead"]["n"] <= report["queries"]
+    assert report["overhead"]["n"] == report["steps"]["generate"]["n"]
     streams = report["streams"]
     assert (streams["requests"], streams["errors"]) == (16, 0)
     assert len(streams["rss_mb"]) == 3
