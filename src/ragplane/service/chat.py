@@ -66,7 +66,14 @@ from ragplane.service.metrics import ChatMetrics
 from ragplane.service.semcache import CacheHit, CacheScope, SemanticCache
 from ragplane.service.sessions import SessionStore, Turn
 
-__all__ = ["ChatEvent", "ChatRequest", "ChatService", "Prepared"]
+__all__ = [
+    "ChatEvent",
+    "ChatRequest",
+    "ChatService",
+    "InferenceDisabled",
+    "Prepared",
+    "Trace",
+]
 
 log = get_logger("ragplane.chat")
 
@@ -86,11 +93,6 @@ _REWRITE_PROMPT = (
 class InferenceDisabled(ApiError):
     status_code = 503
     code = "inference_disabled"
-
-
-class GenerationFailed(ApiError):
-    status_code = 502
-    code = "generation_failed"
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from ragplane.knowledge.search import ChunkHit
 
 __all__ = [
+    "PROMPT_VERSION",
     "SYSTEM_PROMPT",
     "AssembledContext",
     "Passage",

@@ -28,7 +28,14 @@ from starlette.types import ASGIApp, Message
 
 from ragplane.errors import RagplaneError
 
-__all__ = ["ChatMessage", "GatewayClient", "InProcessTransport", "LlmCallError", "LlmUsage"]
+__all__ = [
+    "ChatMessage",
+    "GatewayClient",
+    "InProcessTransport",
+    "LlmCallError",
+    "LlmDelta",
+    "LlmUsage",
+]
 
 ChatMessage = dict[str, str]
 

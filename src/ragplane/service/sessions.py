@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ragplane.data import Database
 from ragplane.errors import BadRequest
 
-__all__ = ["SessionStore", "Turn"]
+__all__ = ["SessionStore", "Turn", "parse_session_id"]
 
 
 @dataclass(frozen=True)
