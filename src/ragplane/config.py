@@ -49,6 +49,7 @@ __all__ = [
     "KnowledgeSettings",
     "Region",
     "Settings",
+    "TracingSettings",
     "WorkerSettings",
     "child_process_env",
     "is_loopback_host",
@@ -191,6 +192,17 @@ class ChatSettings(_Frozen):
     flags_refresh_s: float = Field(
         default=1.0, gt=0, description="Flag re-read interval while changes are not pushed."
     )
+
+
+class TracingSettings(_Frozen):
+    """OpenTelemetry traces of the RAG lifecycle (each request and its steps)."""
+
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces; "
+        "none: spans stay on the request log and in /metrics only.",
+    )
+    service_name: str = "ragplane"
 
 
 class WorkerSettings(_Frozen):
@@ -471,6 +483,7 @@ class Settings(BaseSettings):
     knowledge: KnowledgeSettings = KnowledgeSettings()
     worker: WorkerSettings = WorkerSettings()
     chat: ChatSettings = ChatSettings()
+    tracing: TracingSettings = TracingSettings()
     gateway: GatewaySettings = GatewaySettings()
 
     @field_validator("host")

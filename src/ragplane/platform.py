@@ -49,6 +49,8 @@ from ragplane.service.documents import router as documents_router
 from ragplane.service.kbmodel import router as kbmodel_router
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
     from ragplane.control.flags import FlagStore
     from ragplane.knowledge.embedder import LocalEmbedder
     from ragplane.knowledge.ingest import Ingestor
@@ -114,6 +116,7 @@ class Platform:
         self.owner_db: Database | None = None  # admin API writes (flags), when configured
         self.namespaces: NamespaceRegistry | None = None
         self.metrics: ChatMetrics | None = None
+        self._tracing: TracerProvider | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -171,6 +174,7 @@ class Platform:
         from ragplane.service.metrics import ChatMetrics
         from ragplane.service.semcache import SemanticCache
         from ragplane.service.sessions import SessionStore
+        from ragplane.service.tracing import LifecycleTracer, build_provider
 
         assert self.db is not None
         assert self.embedders is not None
@@ -195,6 +199,7 @@ class Platform:
         )
         await self.events.start()
         self.metrics = ChatMetrics(self.events)
+        self._tracing = build_provider(s.tracing)
         self.flags = FlagStore(self.db, changes=self.changes, ttl_s=c.flags_refresh_s)
         self.namespaces = NamespaceRegistry(
             self.db,
@@ -220,6 +225,7 @@ class Platform:
             events=self.events,
             flags=self.flags,
             metrics=self.metrics,
+            tracer=LifecycleTracer(self._tracing) if self._tracing is not None else None,
         )
 
     async def _seed_demo_kb(self) -> None:
@@ -367,6 +373,8 @@ class Platform:
     async def stop(self) -> None:
         if self.events is not None:
             await self.events.stop()  # drains the request log: before the database closes
+        if self._tracing is not None:
+            await anyio.to_thread.run_sync(self._tracing.shutdown)  # flushes the spans
         if self._gateway_http is not None:
             await self._gateway_http.aclose()
         if self.gateway is not None:

@@ -458,3 +458,32 @@ async def test_metrics_count_steps_and_outcomes(chat: httpx.AsyncClient) -> None
     assert 'ragplane_chat_events_total{event="guard_blocked"} 1.0' in text
     assert 'ragplane_events_shed_total{kind="eval_sample"} 0.0' in text
     assert "ragplane_events_queued" in text
+
+
+async def test_each_request_is_an_otel_trace_under_the_edge_span(chat: httpx.AsyncClient) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from ragplane.config import TracingSettings
+    from ragplane.service.tracing import LifecycleTracer, build_provider
+
+    exporter = InMemorySpanExporter()
+    provider = build_provider(TracingSettings(), exporter)
+    assert provider is not None
+    assert build_provider(TracingSettings()) is None  # no endpoint, no exporter: off
+    chat.platform.chat.tracer = LifecycleTracer(provider)  # type: ignore[attr-defined]
+    r = await _ask(chat, "How long does EU shipping take?")
+    provider.force_flush()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    root = spans["chat"]
+    edge = r.headers["traceparent"].split("-")
+    assert format(root.context.trace_id, "032x") == edge[1] == r.json()["trace_id"]
+    assert format(root.parent.span_id, "016x") == edge[2]  # under the edge's span
+    assert root.attributes["ragplane.request_id"] == r.headers["x-request-id"]
+    for step in ("guard_input", "cache_exact", "embed", "retrieve", "assemble", "generate"):
+        assert spans[step].parent.span_id == root.context.span_id
+        assert root.start_time <= spans[step].start_time <= spans[step].end_time <= root.end_time
+    generate = spans["generate"].attributes
+    assert generate["gen_ai.request.model"] == "support-quality"
+    assert generate["gen_ai.usage.output_tokens"] > 0
+    assert spans["retrieve"].attributes["ragplane.chunks"] > 0
+    provider.shutdown()

@@ -43,7 +43,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -65,6 +65,9 @@ from ragplane.service.llm import GatewayClient, LlmCallError, LlmDelta, LlmUsage
 from ragplane.service.metrics import ChatMetrics
 from ragplane.service.semcache import CacheHit, CacheScope, SemanticCache
 from ragplane.service.sessions import SessionStore, Turn
+
+if TYPE_CHECKING:
+    from ragplane.service.tracing import LifecycleTracer
 
 __all__ = [
     "ChatEvent",
@@ -110,6 +113,7 @@ class Trace:
     """The request's step spans (name, start offset, duration in ms) and counters."""
 
     begun: float = field(default_factory=time.perf_counter)
+    begun_unix_ns: int = field(default_factory=time.time_ns)
     spans: list[dict[str, Any]] = field(default_factory=list)
     counters: Counter[str] = field(default_factory=Counter)
 
@@ -140,6 +144,7 @@ class Prepared:
     buffered: bool
     trace: Trace
     traceparent: str
+    span_id: str  # the edge's span of this request: the lifecycle's spans hang under it
     guard: GuardPolicy
     answer: str = ""  # set once answered: what the session records
 
@@ -171,6 +176,7 @@ class ChatService:
         flags: FlagStore,
         guard: InputGuard | None = None,
         metrics: ChatMetrics | None = None,
+        tracer: LifecycleTracer | None = None,
     ) -> None:
         self.settings = settings
         self._gateway = gateway_settings
@@ -182,6 +188,7 @@ class ChatService:
         self.flags = flags
         self.guard = guard or InputGuard()
         self.metrics = metrics
+        self.tracer = tracer
         self._rng = random.Random()  # noqa: S311 -- sampling, not secrets
         alias = gateway_settings.aliases.get(settings.model_alias)
         if alias is not None:
@@ -241,6 +248,8 @@ class ChatService:
                     outcome=str(result.reason),
                     spans=t.spans,
                     counters=dict(t.counters),
+                    started_unix_ns=t.begun_unix_ns,
+                    parent_span_id=trace.span_id,
                 )
             )
             raise BadRequest(
@@ -257,6 +266,7 @@ class ChatService:
             buffered=tenant.output_mode == "buffered" or not request.stream,
             trace=t,
             traceparent=trace.traceparent,
+            span_id=trace.span_id,
             guard=policy,
         )
 
@@ -649,14 +659,19 @@ class ChatService:
             cost_usd=out.cost_usd,
             spans=p.trace.spans,
             counters=dict(p.trace.counters),
+            started_unix_ns=p.trace.begun_unix_ns,
+            parent_span_id=p.span_id,
         )
         self._submit(record, sample)
         p.answer = out.answer if out.outcome == "answered" else ""
 
     def _submit(self, record: RequestRecord, sample: EvalSample | None = None) -> None:
+        """The request's record to its outputs: the request log, metrics, traces."""
         self.events.submit(record, sample)
         if self.metrics is not None:
             self.metrics.observe(record)
+        if self.tracer is not None:
+            self.tracer.export(record)
 
     async def remember(self, p: Prepared) -> None:
         """Append the question and the answer to the session (after the response)."""

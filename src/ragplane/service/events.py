@@ -48,6 +48,8 @@ class RequestRecord:
     cost_usd: float = 0.0
     spans: list[dict[str, Any]] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
+    started_unix_ns: int = 0  # wall clock at the lifecycle's start (span offsets count from it)
+    parent_span_id: str = ""  # the edge's span of this request
 
 
 @dataclass(frozen=True)
