@@ -487,3 +487,57 @@ async def test_each_request_is_an_otel_trace_under_the_edge_span(chat: httpx.Asy
     assert generate["gen_ai.usage.output_tokens"] > 0
     assert spans["retrieve"].attributes["ragplane.chunks"] > 0
     provider.shutdown()
+
+
+async def test_spans_reach_an_otlp_http_receiver(
+    pg: PgCluster, owner_db: Database, tmp_path: Path
+) -> None:
+    """The real exporter, over HTTP, to a receiver that decodes OTLP protobuf."""
+    from aiohttp import web
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from ragplane.config import TracingSettings
+
+    received: list[Any] = []
+
+    async def traces(request: web.Request) -> web.Response:
+        message = ExportTraceServiceRequest()
+        message.ParseFromString(await request.read())
+        received.extend(
+            span
+            for resource in message.resource_spans
+            for scope in resource.scope_spans
+            for span in scope.spans
+        )
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    receiver = web.Application()
+    receiver.router.add_post("/v1/traces", traces)
+    runner = web.AppRunner(receiver)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    _reset_policies(pg)
+    settings = make_settings(
+        pg,
+        tmp_path,
+        dev_mode=True,
+        tracing=TracingSettings(otlp_endpoint=f"http://127.0.0.1:{port}/v1/traces"),
+    )
+    app = create_app(settings)
+    try:
+        async with running(app) as client:
+            await _seed(app.state.platform, owner_db, "tnt_alpha")
+            r = await _ask(client, REFUND_EU)
+            assert r.status_code == 200
+        # the platform's shutdown flushed the batch
+    finally:
+        await runner.cleanup()
+        _reset_policies(pg)
+    names = {s.name for s in received}
+    assert {"chat", "guard_input", "retrieve", "generate"} <= names
+    trace_ids = {s.trace_id.hex() for s in received}
+    assert trace_ids == {r.json()["trace_id"]}
