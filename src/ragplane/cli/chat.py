@@ -31,7 +31,7 @@ TenantOpt = Annotated[
 ]
 TokenOpt = Annotated[
     str | None,
-    typer.Option("--token", envvar="RAGPLANE_TOKEN", help="Bearer token or API key instead."),
+    typer.Option("--token", help="Bearer token or API key instead (production)."),
 ]
 
 
