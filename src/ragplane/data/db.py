@@ -232,7 +232,8 @@ class Database:
         *,
         settings: Mapping[str, str] | None = None,
     ) -> list[DictRow]:
-        """One read-only statement in a tenant unit of work of its own, in one round trip.
+        """One statement in a tenant unit of work of its own, in one round trip (a read, or a
+        write that returns rows, e.g. ``INSERT … RETURNING``: it commits with the unit).
 
         The same unit of work as :meth:`tenant` (``BEGIN``, ``app.tenant_id`` and
         ``settings`` set transaction-locally, the statement, ``COMMIT``), sent as one

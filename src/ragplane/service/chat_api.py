@@ -17,6 +17,7 @@ started, a failure ends it with an ``error`` event — never silently.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import orjson
@@ -96,7 +97,7 @@ def _sse(name: str, data: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
-async def _frames(events: Any) -> Any:
+async def _frames(events: AsyncIterator[ChatEvent]) -> AsyncIterator[bytes]:
     async for name, data in events:
         yield _sse(name, data)
 

@@ -109,7 +109,8 @@ ON CONFLICT (tenant_id, scope, query_key) DO UPDATE SET
     citations = EXCLUDED.citations, evidence = EXCLUDED.evidence,
     evidence_similarity = EXCLUDED.evidence_similarity, kb_version = EXCLUDED.kb_version,
     embedding_model = EXCLUDED.embedding_model, usage = EXCLUDED.usage,
-    created_at = now(), expires_at = EXCLUDED.expires_at, hits = 0
+    created_at = now(), expires_at = EXCLUDED.expires_at
+RETURNING id
 """
 
 
@@ -213,7 +214,7 @@ class SemanticCache:
         evidence = sorted({str(c["chunk_id"]) for c in citations})
         await self._db.tenant_fetch(
             tenant_id,
-            _STORE + " RETURNING id",
+            _STORE,
             {
                 "tenant": tenant_id,
                 "scope": scope.key(),

@@ -81,7 +81,6 @@ CREATE TABLE semantic_cache (
     namespace        text NOT NULL,
     kb_version       bigint NOT NULL,
     usage            jsonb NOT NULL DEFAULT '{}',
-    hits             bigint NOT NULL DEFAULT 0,
     created_at       timestamptz NOT NULL DEFAULT now(),
     expires_at       timestamptz NOT NULL,
     PRIMARY KEY (tenant_id, id),
