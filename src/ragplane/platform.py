@@ -232,14 +232,18 @@ class Platform:
         """The demo knowledge base (``ragplane/demo/kb``) in each demo tenant's default
         namespace; unchanged documents write nothing, so a restart costs little."""
         from ragplane.knowledge.folder import collect_files, ingest_files
+        from ragplane.knowledge.ingest import Ingestor
+        from ragplane.knowledge.models import EmbedderRegistry, MemoisedEmbedder
 
         assert self.db is not None
-        assert self.ingestor is not None
+        assert self.embedder is not None
         files, _ = collect_files(DEMO_KB)
+        # every demo tenant gets the same documents: embed them once
+        ingestor = Ingestor(self.db, EmbedderRegistry.of(MemoisedEmbedder(self.embedder)))
         for t in DEMO_TENANTS:
             async with self.db.control() as session:
                 config = await get_namespace(session, t.id, "default")
-            report = await ingest_files(self.ingestor, config, files)
+            report = await ingest_files(ingestor, config, files)
             log.info(
                 "demo_kb_loaded",
                 tenant_id=t.id,

@@ -215,3 +215,35 @@ def test_grounded_mock_answers_quote_passages_with_markers() -> None:
 @pytest.mark.parametrize("n", [1, 3])
 def test_grounded_mock_falls_back_to_echo_without_passages(n: int) -> None:
     assert len(grounded_pieces("hello world again", n)) == n
+
+
+# -- the demo seeding's embedder -------------------------------------------------------------
+
+
+async def test_a_memoised_embedder_embeds_each_text_once() -> None:
+    import numpy as np
+
+    from ragplane.knowledge.models import MemoisedEmbedder
+
+    calls: list[list[str]] = []
+
+    class Base:
+        model_id = "m"
+        dimensions = 2
+        max_tokens = 8
+
+        def count_tokens(self, text: str) -> int:
+            return len(text.split())
+
+        async def embed(self, texts: Any) -> Any:
+            calls.append(list(texts))
+            return np.array([[len(t), 1.0] for t in texts], dtype=np.float32)
+
+    memo = MemoisedEmbedder(Base())
+    first = await memo.embed(["a", "bb", "a"])
+    again = await memo.embed(["bb", "ccc", "a"])
+    assert calls == [["a", "bb"], ["ccc"]]
+    assert first[:, 0].tolist() == [1.0, 2.0, 1.0]
+    assert again[:, 0].tolist() == [2.0, 3.0, 1.0]
+    assert (await memo.embed([])).shape == (0, 2)
+    assert (memo.model_id, memo.dimensions, memo.count_tokens("x y")) == ("m", 2, 2)

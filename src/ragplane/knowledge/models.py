@@ -14,8 +14,11 @@ treats it as transient).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
 
 from ragplane.errors import ModelMismatch
 from ragplane.knowledge.types import Embedder
@@ -23,7 +26,7 @@ from ragplane.knowledge.types import Embedder
 if TYPE_CHECKING:
     from ragplane.knowledge.embedder import LocalEmbedder
 
-__all__ = ["EmbedderRegistry", "ModelSwitched"]
+__all__ = ["EmbedderRegistry", "MemoisedEmbedder", "ModelSwitched"]
 
 
 class ModelSwitched(ModelMismatch):
@@ -82,3 +85,36 @@ class EmbedderRegistry:
     def describe(self) -> str:
         """For error messages: ``'a'`` or ``'a', 'b'``."""
         return ", ".join(repr(m) for m in self._by_id)
+
+
+class MemoisedEmbedder:
+    """An embedder that embeds each distinct text once (the same documents ingested into
+    several namespaces, e.g. the demo knowledge base into each demo tenant)."""
+
+    def __init__(self, base: Embedder) -> None:
+        self._base = base
+        self._vectors: dict[str, npt.NDArray[np.float32]] = {}
+
+    @property
+    def model_id(self) -> str:
+        return self._base.model_id
+
+    @property
+    def dimensions(self) -> int:
+        return self._base.dimensions
+
+    @property
+    def max_tokens(self) -> int:
+        return self._base.max_tokens
+
+    def count_tokens(self, text: str) -> int:
+        return self._base.count_tokens(text)
+
+    async def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
+        if missing:
+            for text, vector in zip(missing, await self._base.embed(missing), strict=True):
+                self._vectors[text] = vector
+        if not texts:
+            return np.zeros((0, self.dimensions), dtype=np.float32)
+        return np.stack([self._vectors[t] for t in texts])
