@@ -541,3 +541,33 @@ async def test_spans_reach_an_otlp_http_receiver(
     assert {"chat", "guard_input", "retrieve", "generate"} <= names
     trace_ids = {s.trace_id.hex() for s in received}
     assert trace_ids == {r.json()["trace_id"]}
+
+
+async def test_the_admin_api_sets_a_tenants_guard_policy_and_output_mode(
+    chat: httpx.AsyncClient,
+) -> None:
+    platform = chat.platform  # type: ignore[attr-defined]
+    admin = {"authorization": f"Bearer {_token(platform, 'tnt_alpha', 'platform-admin')}"}
+    url = "/v1/admin/tenants/tnt_beta/policy"
+    r = await chat.put(url, json={"guard_policy": {"actions": {"email": "shout"}}}, headers=admin)
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "invalid_guard_policy")
+    assert "actions.email" in r.json()["error"]["message"]
+    r = await chat.put(
+        url,
+        json={"guard_policy": {"blocked_topics": ["crypto"]}, "output_mode": "buffered"},
+        headers=admin,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "tenant_id": "tnt_beta",
+        "guard_policy": {"blocked_topics": ["crypto"]},
+        "output_mode": "buffered",
+    }
+    r = await _ask(chat, "Can I pay for my order with crypto?", "tnt_beta")
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "topic_blocked")
+    assert (await _ask(chat, "Can I pay for my order with crypto?", "tnt_alpha")).status_code == 200
+    r = await chat.put("/v1/admin/tenants/tnt_nobody/policy", json={}, headers=admin)
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "unknown_tenant")
+    tenant_admin = {"authorization": f"Bearer {_token(platform, 'tnt_beta', 'admin')}"}
+    r = await chat.put(url, json={"output_mode": "stream"}, headers=tenant_admin)
+    assert r.status_code == 403

@@ -254,29 +254,25 @@ def tenants_policy(
     """Show or set a tenant's guard policy and output mode (pushed to running processes)."""
     import orjson
 
+    from ragplane.control.tenants import set_tenant_policy
     from ragplane.service.guardrails import GuardPolicy
 
     if output_mode is not None and output_mode not in ("stream", "buffered"):
         raise typer.BadParameter("expected stream or buffered", param_hint="--output-mode")
-    policy = None
+    parsed_policy = None
     if guard is not None:
         try:
             parsed = orjson.loads(guard)
         except orjson.JSONDecodeError as exc:
             raise typer.BadParameter(f"not JSON: {exc}", param_hint="--guard") from None
         GuardPolicy.from_mapping(parsed)  # a wrong key or action is refused here, by name
-        policy = orjson.dumps(parsed).decode()
+        parsed_policy = parsed
 
     async def apply(session: Any) -> Any:
-        return await session.fetch_one(
-            "UPDATE control.tenants SET guard_policy = coalesce(%s::jsonb, guard_policy), "
-            "output_mode = coalesce(%s, output_mode), updated_at = now() WHERE id = %s "
-            "RETURNING guard_policy, output_mode",
-            (policy, output_mode, tenant_id),
+        return await set_tenant_policy(
+            session, tenant_id, guard_policy=parsed_policy, output_mode=output_mode
         )
 
-    row = _control(_settings(config, data_dir=data_dir), apply, as_owner=True)
-    if row is None:
-        raise RagplaneError(f"tenant {tenant_id!r} is not registered")
-    out.print(f"{tenant_id}: output_mode {row['output_mode']}", highlight=False)
-    out.print(f"guard_policy {orjson.dumps(row['guard_policy']).decode()}", highlight=False)
+    tenant = _control(_settings(config, data_dir=data_dir), apply, as_owner=True)
+    out.print(f"{tenant_id}: output_mode {tenant.output_mode}", highlight=False)
+    out.print(f"guard_policy {orjson.dumps(tenant.guard_policy).decode()}", highlight=False)

@@ -7,6 +7,7 @@ open :class:`~ragplane.data.Session`; this module never opens connections.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,7 +18,14 @@ from ragplane.control.changes import ControlChanges, cache_ttl
 from ragplane.data import Database, Session, validate_tenant_id
 from ragplane.errors import TenantExists, TenantNotFound
 
-__all__ = ["Tenant", "TenantRegistry", "add_tenant", "get_tenant", "list_tenants"]
+__all__ = [
+    "Tenant",
+    "TenantRegistry",
+    "add_tenant",
+    "get_tenant",
+    "list_tenants",
+    "set_tenant_policy",
+]
 
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 
@@ -98,6 +106,29 @@ async def add_tenant(
             "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
             (tenant_id, ns, embedding_model),
         )
+    return await get_tenant(session, tenant_id)
+
+
+async def set_tenant_policy(
+    session: Session,
+    tenant_id: str,
+    *,
+    guard_policy: dict[str, Any] | None = None,
+    output_mode: str | None = None,
+) -> Tenant:
+    """Replace the tenant's guard policy and/or output mode (owner session; what is None
+    stays). The caller validates the policy (``GuardPolicy.from_mapping``)."""
+    changed = await session.execute(
+        "UPDATE control.tenants SET guard_policy = coalesce(%s::jsonb, guard_policy), "
+        "output_mode = coalesce(%s, output_mode), updated_at = now() WHERE id = %s",
+        (
+            json.dumps(guard_policy) if guard_policy is not None else None,
+            output_mode,
+            tenant_id,
+        ),
+    )
+    if not changed:
+        raise TenantNotFound(tenant_id)
     return await get_tenant(session, tenant_id)
 
 

@@ -1,25 +1,29 @@
-"""The admin API: feature flags and kill switches (``/v1/admin/flags``).
+"""The admin API: feature flags and kill switches (``/v1/admin/flags``), and tenants'
+guard policy and output mode (``/v1/admin/tenants/{id}/policy``).
 
-Flags are platform-wide, so changing one needs the ``platform-admin`` role in the
+Both are platform settings, so changing them needs the ``platform-admin`` role in the
 verified credentials (``ragplane token --role platform-admin`` in dev mode) — a tenant's
 own ``admin`` role is not enough. Changes are written as the owner role (the
-application role may only read the control plane), audited with the caller's subject,
-and pushed to every process (``control.flags`` trigger, migration 0009).
+application role may only read the control plane) and pushed to every process by the
+control-plane triggers; flag changes are audited with the caller's subject
+(``control.flag_audit``).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Request
 from pydantic import BaseModel, Field
 
 from ragplane.control.flags import Flag, list_flags, set_flag
+from ragplane.control.tenants import set_tenant_policy
 from ragplane.data import Database
 from ragplane.edge.context import TenantContext
 from ragplane.edge.tenancy import tenant_context
-from ragplane.errors import ApiError, Forbidden
+from ragplane.errors import ApiError, BadRequest, ConfigError, Forbidden, NotFound, TenantNotFound
+from ragplane.service.guardrails import GuardPolicy
 
 __all__ = ["PLATFORM_ADMIN", "router"]
 
@@ -107,3 +111,41 @@ async def put_flag(
             description=change.description,
         )
     return _out(flag)
+
+
+class TenantPolicy(BaseModel):
+    guard_policy: dict[str, Any] | None = Field(
+        default=None, description="The guard policy (replaces the current one); none: keep."
+    )
+    output_mode: Literal["stream", "buffered"] | None = None
+
+
+class TenantPolicyOut(BaseModel):
+    tenant_id: str
+    guard_policy: dict[str, Any]
+    output_mode: str
+
+
+@router.put("/tenants/{tenant_id}/policy")
+async def put_tenant_policy(
+    tenant_id: str,
+    change: TenantPolicy,
+    request: Request,
+    ctx: Annotated[TenantContext, Depends(_platform_admin)],
+) -> TenantPolicyOut:
+    """Set a tenant's guard policy and output mode (pushed to every process at once)."""
+    if change.guard_policy is not None:
+        try:
+            GuardPolicy.from_mapping(change.guard_policy)
+        except ConfigError as exc:
+            raise BadRequest(str(exc), code="invalid_guard_policy") from None
+    try:
+        async with _owner(request).control() as s:
+            tenant = await set_tenant_policy(
+                s, tenant_id, guard_policy=change.guard_policy, output_mode=change.output_mode
+            )
+    except TenantNotFound:
+        raise NotFound(f"tenant {tenant_id!r} is not registered", code="unknown_tenant") from None
+    return TenantPolicyOut(
+        tenant_id=tenant.id, guard_policy=tenant.guard_policy, output_mode=tenant.output_mode
+    )
