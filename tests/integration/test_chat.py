@@ -571,3 +571,49 @@ async def test_the_admin_api_sets_a_tenants_guard_policy_and_output_mode(
     tenant_admin = {"authorization": f"Bearer {_token(platform, 'tnt_beta', 'admin')}"}
     r = await chat.put(url, json={"output_mode": "stream"}, headers=tenant_admin)
     assert r.status_code == 403
+
+
+@pytest.mark.llama
+async def test_a_real_small_model_answers_through_the_whole_lifecycle(
+    pg: PgCluster, owner_db: Database, tmp_path: Path
+) -> None:
+    """SmolLM2-135M (llama.cpp, in-process provider) behind the gateway: the lifecycle
+    runs end to end with a real model; what it cites is verified like any answer."""
+    _reset_policies(pg)
+    route = [{"model": "smol"}]
+    gateway = GatewaySettings.model_validate(
+        {
+            "providers": {"smol": {"type": "llamacpp"}},
+            "models": {
+                "smol": {
+                    "provider": "smol",
+                    "upstream": "smollm2",
+                    "context_window": 2048,
+                    "max_output_tokens": 64,
+                }
+            },
+            "aliases": {"support-quality": {"routes": route}, "rewrite": {"routes": route}},
+        }
+    )
+    settings = make_settings(
+        pg, tmp_path, dev_mode=True, gateway=gateway, chat=ChatSettings(top_k=3)
+    )
+    app = create_app(settings)
+    try:
+        async with running(app) as client:
+            await _seed(app.state.platform, owner_db, "tnt_alpha")
+            r = await _ask(client, REFUND_EU, stream=True)
+            events = _events(r.text)
+            names = [n for n, _ in events]
+            assert names[0] == "meta"
+            assert names[-2:] == ["citations", "done"], events[-1]
+            answer = "".join(d["text"] for n, d in events if n == "delta")
+            assert answer.strip()
+            done = events[-1][1]
+            assert done["usage"]["output_tokens"] > 0
+            assert 0 < done["usage"]["input_tokens"] <= 2048
+            for c in events[-2][1]["citations"]:  # whatever survived verification is real
+                assert c["quote"]
+                assert c["marker"] in answer
+    finally:
+        _reset_policies(pg)

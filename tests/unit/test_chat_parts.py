@@ -247,3 +247,16 @@ async def test_a_memoised_embedder_embeds_each_text_once() -> None:
     assert again[:, 0].tolist() == [2.0, 3.0, 1.0]
     assert (await memo.embed([])).shape == (0, 2)
     assert (memo.model_id, memo.dimensions, memo.count_tokens("x y")) == ("m", 2, 2)
+
+
+def test_a_marker_that_opens_a_line_cites_the_text_after_it() -> None:
+    ctx = context(chunk("c1", REFUND))
+    v = verify_citations(
+        "[1] EU customers can return any item within 30 days of delivery for a full refund.",
+        ctx,
+    )
+    (c,) = v.citations
+    assert c.quote.startswith("EU customers can return any item")
+    assert v.dropped == 0
+    lone = verify_citations("[1]\n\nSomething else entirely about tents.", ctx)
+    assert lone.dropped == 1

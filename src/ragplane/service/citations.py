@@ -2,7 +2,7 @@
 chunk, and what the answer says there must be in that chunk.
 
 An answer is read as segments, each ending where one or more markers ``[n]`` follow
-text. For each (segment, marker):
+text (or, for a marker that opens a line, the text after it). For each (segment, marker):
 
 - a marker that numbers no passage of the context is **unsupported**;
 - text in quotation marks inside the segment must occur in the chunk, verbatim up to
@@ -30,7 +30,7 @@ __all__ = ["Citation", "VerifiedAnswer", "verify_citations"]
 _MARKERS = re.compile(r"(?:\s*\[\d{1,3}\])+")
 _MARKER = re.compile(r"\[(\d{1,3})\]")
 _QUOTED = re.compile(r"[\"\u201c\u201d]([^\"\u201c\u201d]{8,})[\"\u201c\u201d]")
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\s*\n\s*")  # sentences and lines
 _WORD = re.compile(r"[a-z0-9]+(?:['\u2019][a-z]+)?")
 _SPACE = re.compile(r"\s+")
 _STOP = frozenset(
@@ -148,11 +148,17 @@ def _find(haystack: str, needle: str) -> tuple[int, int] | None:
 
 
 def _segments(answer: str) -> list[tuple[str, list[tuple[int, int, int]]]]:
-    """(segment text, [(marker number, start, end) in ``answer``])."""
+    """(segment text, [(marker number, start, end) in ``answer``]). A marker group with
+    no text before it on its line (``[1] The policy says …``) cites the text after it,
+    up to the next marker or line."""
+    groups = list(_MARKERS.finditer(answer))
     out: list[tuple[str, list[tuple[int, int, int]]]] = []
     last = 0
-    for group in _MARKERS.finditer(answer):
+    for i, group in enumerate(groups):
         text = answer[last : group.start()]
+        if not text.strip() or text.endswith("\n"):
+            end = groups[i + 1].start() if i + 1 < len(groups) else len(answer)
+            text = answer[group.end() : end].split("\n\n")[0]
         markers = [
             (int(m.group(1)), group.start() + m.start(), group.start() + m.end())
             for m in _MARKER.finditer(group.group())
@@ -178,6 +184,8 @@ def _span(segment: str, chunk_text: str) -> tuple[int, int] | None:
     for sentence in _SENTENCE.split(chunk_text):
         start = chunk_text.find(sentence, pos)
         pos = start + len(sentence)
+        if not sentence or sentence.lstrip().startswith("#"):  # a heading is not a claim
+            continue
         shared = len(words & _content(sentence))
         if shared and (best is None or shared > best[0]):
             best = (shared, (start, start + len(sentence)))
