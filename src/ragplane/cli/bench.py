@@ -534,6 +534,7 @@ def bench_chat(
     )
     table = Table("measure", "n", "p50 ms", "p95 ms", "target")
     rows = [
+        ("floor: GET /v1/whoami (HTTP + auth + tenant)", result.floor_latency, "baseline"),
         ("cache miss, end to end", result.miss_latency, ""),
         ("cache hit, end to end", result.hit_latency, "p95 <= 20"),
         ("miss overhead (guard+cache+embed+retrieve+assemble)", result.overhead, "p95 <= 60"),

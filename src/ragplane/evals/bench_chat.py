@@ -5,6 +5,9 @@ process of its own with ``support-quality`` and ``rewrite`` routed to ``ragplane
 mock-provider`` (a real OpenAI-wire server on loopback: fixed time to first token,
 paced tokens); the bench process is the client, with a tenant API key:
 
+0. **floor**: ``GET /v1/whoami`` as often (HTTP, key verification, tenant look-up: what
+   every request pays before the lifecycle starts), the baseline of the same run;
+
 1. **misses**: every query once, one at a time (JSON) — client latency, and from the
    request log's spans of those that generated (a near repeat among the queries is
    answered from the cache) what the platform spent before and around the provider:
@@ -89,6 +92,7 @@ class ChatBenchResult:
     chunks: int = 0
     queries: int = 0
     mock: dict[str, float] = field(default_factory=dict)
+    floor_latency: dict[str, float] = field(default_factory=dict)
     miss_latency: dict[str, float] = field(default_factory=dict)
     hit_latency: dict[str, float] = field(default_factory=dict)
     hit_rate: float = 0.0
@@ -104,6 +108,7 @@ class ChatBenchResult:
             "chunks": self.chunks,
             "queries": self.queries,
             "mock": self.mock,
+            "floor_latency": self.floor_latency,
             "miss_latency": self.miss_latency,
             "hit_latency": self.hit_latency,
             "hit_rate": round(self.hit_rate, 4),
@@ -296,6 +301,15 @@ async def run_chat_bench(
             progress("warm-up")
             for q in ("warm up the embedder", "and the retriever"):
                 await _ask(client, q)
+            progress("floor: GET /v1/whoami (HTTP, API key, tenant look-up), one at a time")
+            floor = []
+            for _ in queries:
+                t0 = time.perf_counter()
+                r = await client.get("/v1/whoami")
+                floor.append((time.perf_counter() - t0) * 1000)
+                if r.status_code != 200:
+                    result.errors.append(f"whoami {r.status_code}")
+            result.floor_latency = _summary(floor)
             progress(f"misses: {len(queries)} queries, one at a time")
             misses, request_ids = [], []
             for q in queries:
