@@ -48,6 +48,7 @@ def _reset_policies(pg: PgCluster) -> None:
         conn.execute("UPDATE control.flags SET enabled = true, updated_by = 'test'")
         conn.execute("TRUNCATE semantic_cache, request_log, eval_samples, chat_messages CASCADE")
         conn.execute("TRUNCATE chat_sessions CASCADE")
+        conn.execute("DELETE FROM control.kb_namespaces WHERE name = 'empty'")
 
 
 @pytest.fixture
@@ -208,9 +209,19 @@ async def test_the_kill_switch_stops_inference_within_a_second_but_cache_hits_se
     cached = await _ask(chat, REFUND_EU)
     assert cached.status_code == 200
     assert cached.json()["cache_hit"] is True
+    # a new question: no model, but the knowledge base's own words, marked offline
     r = await _ask(chat, "How do I care for a waterproof jacket?")
-    assert r.status_code == 503
-    assert r.json()["error"]["code"] == "inference_disabled"
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["mode"], body["cache_hit"]) == ("offline", False)
+    assert body["banner"]
+    assert body["citations"]
+    assert body["usage"]["output_tokens"] == 0  # nothing was generated
+    # nothing to quote either: the request fails and says why
+    async with owner_db.control() as s:
+        await upsert_namespace(s, "tnt_alpha", "empty", embedding_model="all-minilm-l6-v2")
+    r = await _ask(chat, "How do I care for a waterproof jacket?", kb="empty")
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "inference_disabled")
     with psycopg.connect(pg.owner) as conn:
         audit = conn.execute(
             "SELECT enabled, changed_by FROM control.flag_audit WHERE name = %s "
@@ -390,6 +401,15 @@ async def test_every_provider_down_answers_from_cache_offline_or_fails_clearly(
     assert body["banner"]
     assert body["cache_hit"] is True
     r = await _ask(client, "How do I wash a down sleeping bag?")
+    assert r.status_code == 200, r.text
+    quoted = r.json()
+    assert (quoted["mode"], quoted["cache_hit"]) == ("offline", False)
+    assert quoted["citations"]
+    answer_words = " ".join(quoted["answer"].split())
+    assert all(" ".join(c["quote"].split()) in answer_words for c in quoted["citations"])
+    async with Database(pg.owner, max_size=1, name="owner") as owner, owner.control() as s:
+        await upsert_namespace(s, "tnt_alpha", "empty", embedding_model="all-minilm-l6-v2")
+    r = await _ask(client, "How do I wash a down sleeping bag?", kb="empty")
     assert r.status_code in (502, 503)
     assert r.json()["error"]["code"] in ("no_healthy_route", "upstream_unavailable")
 
@@ -427,7 +447,7 @@ async def test_the_admin_api_flips_the_kill_switch_for_platform_admins_only(
     assert {f["name"]: f["enabled"] for f in listed}[AI_INFERENCE_ENABLED] is False
     await asyncio.sleep(1.0)
     r = await _ask(chat, "How do I reproof a waterproof jacket?")
-    assert r.json()["error"]["code"] == "inference_disabled"
+    assert r.json()["mode"] == "offline"
     r = await chat.put("/v1/admin/flags/Bad_Name", json={"enabled": True}, headers=admin)
     assert r.status_code == 422
     r = await chat.put(

@@ -260,3 +260,19 @@ def test_a_marker_that_opens_a_line_cites_the_text_after_it() -> None:
     assert v.dropped == 0
     lone = verify_citations("[1]\n\nSomething else entirely about tents.", ctx)
     assert lone.dropped == 1
+
+
+def test_an_excerpt_quotes_the_opening_sentences_with_markers() -> None:
+    from ragplane.service.context import excerpt
+
+    ctx = context(
+        chunk("c1", REFUND), chunk("c2", SHIPPING, doc="d2"), chunk("c3", "Ok.", doc="d3")
+    )
+    text = excerpt(ctx)
+    assert text == (
+        "EU customers can return any item within 30 days of delivery for a full refund. [1] "
+        "Standard shipping is free on EU orders of 75 euros or more. [2]"
+    )
+    v = verify_citations(text, ctx)  # what offline mode serves is verified like any answer
+    assert (len(v.citations), v.dropped) == (2, 0)
+    assert excerpt(context()) == ""

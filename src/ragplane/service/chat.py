@@ -27,8 +27,9 @@ then yields the answer as typed events (``meta``, ``delta``, ``citations``, ``do
 
 When every route of the alias is down (the gateway says ``no_healthy_route``) or the
 kill switch is off, a question the cache can answer at the offline threshold gets that
-answer in ``offline`` mode with a banner; otherwise the request fails with an error
-that names why. Every step's time is a span of the request's trace (kept on its
+answer, else the opening sentences of its best passages, quoted and cited without a
+model — both in ``offline`` mode with a banner; with neither, the request fails with an
+error that names why. Every step's time is a span of the request's trace (kept on its
 request-log row); a failure after the stream started ends it with an ``error`` event.
 """
 
@@ -58,7 +59,13 @@ from ragplane.knowledge.search import Retriever, SearchResult
 from ragplane.observe.logging import get_logger
 from ragplane.observe.tracecontext import TraceContext
 from ragplane.service.citations import verify_citations
-from ragplane.service.context import PROMPT_VERSION, AssembledContext, assemble, prompt_messages
+from ragplane.service.context import (
+    PROMPT_VERSION,
+    AssembledContext,
+    assemble,
+    excerpt,
+    prompt_messages,
+)
 from ragplane.service.events import EvalSample, EventSink, RequestRecord
 from ragplane.service.guardrails import GuardPolicy, InputGuard, redact_pii
 from ragplane.service.llm import GatewayClient, LlmCallError, LlmDelta, LlmUsage
@@ -371,18 +378,7 @@ class ChatService:
                 found = await self._retrieve(p, query, None)
         t.counters["rewrite_skipped"] += not rewritten  # once per request that needed none
         turns = [{"role": h.role, "content": h.content} for h in history]
-        with t.span("assemble") as span:
-            context = assemble(
-                found.chunks,
-                query,
-                context_window=self.context_window,
-                reserved_output=self.reserved_output,
-                history=turns,
-            )
-            span["passages"] = len(context.passages)
-            span["tokens"] = context.tokens
-        t.counters["context_duplicates"] += context.skipped_duplicates
-        t.counters["context_over_budget"] += context.skipped_over_budget
+        context = self._assemble(p, found, query, turns)
         messages = prompt_messages(context, query, turns)
         out.contexts = [
             {"marker": x.marker, "chunk_id": x.chunk.chunk_id, "text": x.chunk.text}
@@ -392,6 +388,23 @@ class ChatService:
             p, out, messages, context, query, vector, scope, found.kb_version
         ):
             yield event
+
+    def _assemble(
+        self, p: Prepared, found: SearchResult, query: str, turns: list[dict[str, str]]
+    ) -> AssembledContext:
+        with p.trace.span("assemble") as span:
+            context = assemble(
+                found.chunks,
+                query,
+                context_window=self.context_window,
+                reserved_output=self.reserved_output,
+                history=turns,
+            )
+            span["passages"] = len(context.passages)
+            span["tokens"] = context.tokens
+        p.trace.counters["context_duplicates"] += context.skipped_duplicates
+        p.trace.counters["context_over_budget"] += context.skipped_over_budget
+        return context
 
     async def _embed(self, t: Trace, query: str, model: str) -> npt.NDArray[np.float32]:
         with t.span("embed"):
@@ -474,12 +487,15 @@ class ChatService:
         vector: npt.NDArray[np.float32] | None,
         scope: CacheScope,
         error: ApiError | LlmCallError,
+        context: AssembledContext | None = None,
     ) -> AsyncIterator[ChatEvent]:
-        """Answer from the cache at the offline threshold, or fail with ``error``."""
+        """No model to ask: the cache at the offline threshold; else the knowledge base's
+        own words (the opening sentence of the best passages, cited — no model); else
+        fail with ``error``. Either answer is marked ``offline``, with the banner."""
+        model = p.namespace.embedding_model
+        if vector is None:
+            vector = await self._embed(p.trace, query, model)
         if self.settings.cache_enabled:
-            model = p.namespace.embedding_model
-            if vector is None:
-                vector = await self._embed(p.trace, query, model)
             with p.trace.span("cache_offline") as span:
                 hit, _ = await self.cache.near(
                     p.ctx.tenant_id, scope, query, vector, model, offline=True
@@ -489,7 +505,21 @@ class ChatService:
                 async for event in self._serve_cached(p, out, hit, mode="offline"):
                     yield event
                 return
-        raise error
+        if context is None:
+            context = self._assemble(p, await self._retrieve(p, query, vector), query, [])
+        verified = verify_citations(excerpt(context), context)
+        if not verified.citations:
+            raise error
+        p.trace.counters["offline_excerpt"] += 1
+        out.mode = "offline"
+        out.answer = verified.text
+        out.citations = [
+            c.as_dict() | {"quote": redact_pii(c.quote, p.guard).text} for c in verified.citations
+        ]
+        yield "meta", self._meta(p, out)
+        yield "delta", {"text": redact_pii(out.answer, p.guard).text}
+        yield "citations", {"citations": out.citations, "dropped": verified.dropped}
+        yield "done", self._done(p, out)
 
     async def _generate(
         self,
@@ -544,7 +574,7 @@ class ChatService:
             if exc.started or exc.code not in _OFFLINE_CODES:
                 raise
             t.counters["offline_fallback"] += 1
-            async for event in self._offline(p, out, query, vector, scope, exc):
+            async for event in self._offline(p, out, query, vector, scope, exc, context):
                 yield event
             return
         out.usage = usage

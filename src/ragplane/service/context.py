@@ -33,6 +33,7 @@ __all__ = [
     "Passage",
     "assemble",
     "estimate_tokens",
+    "excerpt",
     "prompt_messages",
 ]
 
@@ -138,3 +139,21 @@ def prompt_messages(
         *({"role": m["role"], "content": m["content"]} for m in history),
         {"role": "user", "content": user},
     ]
+
+
+_FIRST_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def excerpt(context: AssembledContext, *, passages: int = 2) -> str:
+    """The opening sentence of the first ``passages`` passages, each followed by its
+    marker: an answer in the knowledge base's own words, for when no model can be asked
+    (offline mode)."""
+    parts = []
+    for passage in context.passages[:passages]:
+        lines = [
+            ln for ln in passage.chunk.text.splitlines() if ln.strip() and not _HEADING.match(ln)
+        ]
+        first = _FIRST_SENTENCE.split(" ".join(lines).strip(), maxsplit=1)[0]
+        if len(first.split()) >= 3:
+            parts.append(f"{first} {passage.marker}")
+    return " ".join(parts)
