@@ -1,7 +1,7 @@
 """The RAG request lifecycle behind ``POST /v1/chat``.
 
 :meth:`ChatService.prepare` runs what may still refuse the request with a plain HTTP
-error — the tenant's namespace, the input guard (step 2) — and :meth:`ChatService.answer`
+error — the query's checks and the input guard (step 2) — and :meth:`ChatService.answer`
 then yields the answer as typed events (``meta``, ``delta``, ``citations``, ``done``,
 ``error``), which the API sends as SSE or gathers into one JSON body:
 
@@ -29,8 +29,10 @@ When every route of the alias is down (the gateway says ``no_healthy_route``) or
 kill switch is off, a question the cache can answer at the offline threshold gets that
 answer, else the opening sentences of its best passages, quoted and cited without a
 model — both in ``offline`` mode with a banner; with neither, the request fails with an
-error that names why. Every step's time is a span of the request's trace (kept on its
-request-log row); a failure after the stream started ends it with an ``error`` event.
+error that names why. Every step's time is a span of the request's trace: kept on its
+request-log row, observed in ``/metrics`` and exported over OTLP
+(:mod:`ragplane.service.tracing`), all from the request's record once it ended. A
+failure after the stream started ends it with an ``error`` event.
 """
 
 from __future__ import annotations
