@@ -60,7 +60,7 @@ from ragplane.errors import ApiError, BadRequest, RagplaneError
 from ragplane.knowledge.search import Retriever, SearchResult
 from ragplane.observe.logging import get_logger
 from ragplane.observe.tracecontext import TraceContext
-from ragplane.service.citations import verify_citations
+from ragplane.service.citations import VerifiedAnswer, verify_citations
 from ragplane.service.context import (
     PROMPT_VERSION,
     AssembledContext,
@@ -515,9 +515,7 @@ class ChatService:
         p.trace.counters["offline_excerpt"] += 1
         out.mode = "offline"
         out.answer = verified.text
-        out.citations = [
-            c.as_dict() | {"quote": redact_pii(c.quote, p.guard).text} for c in verified.citations
-        ]
+        out.citations = _cited(verified, p.guard)
         yield "meta", self._meta(p, out)
         yield "delta", {"text": redact_pii(out.answer, p.guard).text}
         yield "citations", {"citations": out.citations, "dropped": verified.dropped}
@@ -589,10 +587,7 @@ class ChatService:
             gspan["dropped"] = verified.dropped
         t.counters["citations_dropped"] += verified.dropped
         out.answer = verified.text
-        # the quotes are the sources' words: the output guard covers them too
-        out.citations = [
-            c.as_dict() | {"quote": redact_pii(c.quote, p.guard).text} for c in verified.citations
-        ]
+        out.citations = _cited(verified, p.guard)
         if p.buffered:
             yield "meta", self._meta(p, out)
             yield "delta", {"text": out.answer}
@@ -719,6 +714,12 @@ class ChatService:
             )
         except RagplaneError as exc:
             log.warning("session_write_failed", error=str(exc))
+
+
+def _cited(verified: VerifiedAnswer, guard: GuardPolicy) -> list[dict[str, Any]]:
+    """The supported citations as sent; the quotes are the sources' words, and the output
+    guard covers them too."""
+    return [c.as_dict() | {"quote": redact_pii(c.quote, guard).text} for c in verified.citations]
 
 
 def _joined(query: str, history: list[Turn], t: Trace) -> str:
