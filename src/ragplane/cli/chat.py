@@ -94,6 +94,7 @@ def ask(
                 raise RagplaneError(f"{r.status_code}: {_error_text(r)}")
             for name, data in _sse_events(r.iter_lines()):
                 if name == "meta":
+                    session = data["session_id"]  # to continue: --session
                     if data.get("banner"):
                         err.print(f"[bold yellow]{data['banner']}[/]")
                     if data["cache_hit"]:
@@ -108,7 +109,7 @@ def ask(
                     usage = data["usage"]
                     err.print(
                         f"[dim]{data['latency_ms']:.0f} ms · {usage['input_tokens']} in / "
-                        f"{usage['output_tokens']} out tokens · session {session or '-'}[/]"
+                        f"{usage['output_tokens']} out tokens · session {session}[/]"
                     )
                 elif name == "error":
                     out.print()
