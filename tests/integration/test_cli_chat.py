@@ -30,6 +30,16 @@ async def served(pg: PgCluster, owner_db: Database, tmp_path: Path) -> AsyncIter
     _reset_policies(pg)
 
 
+def _admin_env(pg: PgCluster, tmp_path: Path) -> dict[str, str | None]:
+    return {
+        **_base_env(),
+        "DATABASE_URL": pg.app,
+        "RAGPLANE_DATABASE__OWNER_URL": pg.owner,
+        "RAGPLANE_DATA_DIR": str(tmp_path),
+        "COLUMNS": "250",
+    }
+
+
 async def _cli(*args: str) -> tuple[int, str]:
     """Exit code, and output with the error a failed command raised (``main`` prints it)."""
     env = {**_base_env(), "COLUMNS": "250"}
@@ -62,13 +72,7 @@ async def test_ask_streams_the_answer_and_its_sources(served: str) -> None:
 
 
 def test_flags_set_and_list_are_audited(pg: PgCluster, tmp_path: Path) -> None:
-    env = {
-        **_base_env(),
-        "DATABASE_URL": pg.app,
-        "RAGPLANE_DATABASE__OWNER_URL": pg.owner,
-        "RAGPLANE_DATA_DIR": str(tmp_path),
-        "COLUMNS": "250",
-    }
+    env = _admin_env(pg, tmp_path)
     runner = CliRunner()
     try:
         r = runner.invoke(
@@ -107,13 +111,7 @@ def test_flags_set_and_list_are_audited(pg: PgCluster, tmp_path: Path) -> None:
 
 
 def test_tenants_policy_sets_and_checks_the_guard_policy(pg: PgCluster, tmp_path: Path) -> None:
-    env = {
-        **_base_env(),
-        "DATABASE_URL": pg.app,
-        "RAGPLANE_DATABASE__OWNER_URL": pg.owner,
-        "RAGPLANE_DATA_DIR": str(tmp_path),
-        "COLUMNS": "250",
-    }
+    env = _admin_env(pg, tmp_path)
     runner = CliRunner()
     try:
         r = runner.invoke(

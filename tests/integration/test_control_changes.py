@@ -187,17 +187,17 @@ async def test_flag_changes_go_to_flag_subscribers_and_namespaces_are_forgotten(
             f"VALUES ('{TENANT}', 'cached', 'all-minilm-l6-v2')",
         )
         await _until(lambda: tenants[-1:] == [TENANT])
-        assert (await namespaces.get(TENANT, "cached")).chunking.max_tokens == 256
+        assert (await namespaces.get((TENANT, "cached"))).chunking.max_tokens == 256
         _owner_sql(
             clean_db,
             "UPDATE control.kb_namespaces SET chunk_max_tokens = 512 WHERE name = 'cached'",
         )
         await _until(lambda: tenants.count(TENANT) == 2)
-        assert (await namespaces.get(TENANT, "cached")).chunking.max_tokens == 512
+        assert (await namespaces.get((TENANT, "cached"))).chunking.max_tokens == 512
         _owner_sql(clean_db, "DELETE FROM control.kb_namespaces WHERE name = 'cached'")
         await _until(lambda: tenants.count(TENANT) == 3)
         with pytest.raises(NamespaceNotFound):
-            await namespaces.get(TENANT, "cached")
+            await namespaces.get((TENANT, "cached"))
     finally:
         await changes.stop()
         _owner_sql(clean_db, "UPDATE control.flags SET enabled = true, updated_by = 't'")

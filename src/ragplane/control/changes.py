@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
 
 from ragplane.data.db import Database
 from ragplane.errors import DatabaseUnavailable
 from ragplane.observe.logging import get_logger
 
-__all__ = ["CHANNEL", "FLAG_PREFIX", "ControlChanges", "cache_ttl"]
+__all__ = ["CHANNEL", "FLAG_PREFIX", "ControlChanges", "PushedCache", "cache_ttl"]
 
 CHANNEL = "ragplane_control"
 FLAG_PREFIX = "flag:"  # tenant ids cannot hold a colon
 log = get_logger("ragplane.control")
 
 Forget = Callable[[str | None], None]
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 class ControlChanges:
@@ -103,3 +107,52 @@ class ControlChanges:
 def cache_ttl(changes: ControlChanges | None, ttl_s: float, listening_ttl_s: float) -> float:
     """How long a cached control-plane entry may be trusted now."""
     return listening_ttl_s if changes is not None and changes.listening else ttl_s
+
+
+class PushedCache(Generic[K, V]):
+    """A read-through cache of control-plane rows for the request path (tenants,
+    namespaces): an entry lives ``ttl_s``, or ``listening_ttl_s`` while ``changes``
+    listens — a change to a tenant is pushed then and forgets that tenant's entries
+    (``tenant_of`` says whose an entry is); a look-up under way when it came is not
+    cached (it may have read the row before the change)."""
+
+    def __init__(
+        self,
+        load: Callable[[K], Awaitable[V]],
+        tenant_of: Callable[[K], str],
+        *,
+        ttl_s: float,
+        changes: ControlChanges | None,
+        listening_ttl_s: float,
+    ) -> None:
+        self._load = load
+        self._tenant_of = tenant_of
+        self._ttl_s = ttl_s
+        self._changes = changes
+        self._listening_ttl_s = listening_ttl_s
+        self._cache: dict[K, tuple[float, V]] = {}
+        self._generation = 0  # moves on every forget
+        if changes is not None:
+            changes.subscribe(self.forget)
+
+    def forget(self, tenant_id: str | None) -> None:
+        """Drop ``tenant_id``'s entries (``None``: every entry)."""
+        self._generation += 1
+        if tenant_id is None:
+            self._cache.clear()
+            return
+        for key in [k for k in self._cache if self._tenant_of(k) == tenant_id]:
+            del self._cache[key]
+
+    async def get(self, key: K) -> V:
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and now - hit[0] < cache_ttl(
+            self._changes, self._ttl_s, self._listening_ttl_s
+        ):
+            return hit[1]
+        generation = self._generation
+        value = await self._load(key)
+        if generation == self._generation:
+            self._cache[key] = (now, value)
+        return value

@@ -8,11 +8,10 @@ creation and changes run on the owner's (admin commands).
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ragplane.control.changes import ControlChanges, cache_ttl
+from ragplane.control.changes import ControlChanges, PushedCache
 from ragplane.data import Database, Session, validate_tenant_id
 from ragplane.errors import KnowledgeError
 from ragplane.knowledge.types import ChunkingPolicy
@@ -95,12 +94,10 @@ async def upsert_namespace(
     return await get_namespace(session, tenant_id, namespace)
 
 
-class NamespaceRegistry:
-    """Read-through cache of namespace configurations for the request path (``/v1/chat``).
-
-    Like the tenant registry: entries live ``ttl_s``, or ``listening_ttl_s`` while
-    ``changes`` listens (a change to a tenant's namespaces is pushed and forgets the
-    tenant's entries; a look-up under way when it came is not cached)."""
+class NamespaceRegistry(PushedCache[tuple[str, str], NamespaceConfig]):
+    """Read-through cache of namespace configurations for the request path (``/v1/chat``),
+    keyed by (tenant, namespace): a pushed change to a tenant's namespaces forgets them
+    (:class:`~ragplane.control.changes.PushedCache`)."""
 
     def __init__(
         self,
@@ -110,33 +107,14 @@ class NamespaceRegistry:
         changes: ControlChanges | None = None,
         listening_ttl_s: float = 300.0,
     ) -> None:
-        self._db = db
-        self._ttl_s = ttl_s
-        self._changes = changes
-        self._listening_ttl_s = listening_ttl_s
-        self._cache: dict[tuple[str, str], tuple[float, NamespaceConfig]] = {}
-        self._generation = 0
-        if changes is not None:
-            changes.subscribe(self.forget)
+        async def load(key: tuple[str, str]) -> NamespaceConfig:
+            rows = await db.control_fetch(_SELECT, key)
+            return _config(rows[0] if rows else None, *key)
 
-    def forget(self, tenant_id: str | None) -> None:
-        self._generation += 1
-        if tenant_id is None:
-            self._cache.clear()
-        else:
-            for key in [k for k in self._cache if k[0] == tenant_id]:
-                del self._cache[key]
+        super().__init__(
+            load, _tenant, ttl_s=ttl_s, changes=changes, listening_ttl_s=listening_ttl_s
+        )
 
-    async def get(self, tenant_id: str, namespace: str) -> NamespaceConfig:
-        key = (tenant_id, namespace)
-        now = time.monotonic()
-        hit = self._cache.get(key)
-        ttl = cache_ttl(self._changes, self._ttl_s, self._listening_ttl_s)
-        if hit is not None and now - hit[0] < ttl:
-            return hit[1]
-        generation = self._generation
-        rows = await self._db.control_fetch(_SELECT, key)
-        config = _config(rows[0] if rows else None, tenant_id, namespace)
-        if generation == self._generation:
-            self._cache[key] = (now, config)
-        return config
+
+def _tenant(key: tuple[str, str]) -> str:
+    return key[0]

@@ -8,13 +8,12 @@ open :class:`~ragplane.data.Session`; this module never opens connections.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from ragplane.config import Region
-from ragplane.control.changes import ControlChanges, cache_ttl
+from ragplane.control.changes import ControlChanges, PushedCache
 from ragplane.data import Database, Session, validate_tenant_id
 from ragplane.errors import TenantExists, TenantNotFound
 
@@ -132,12 +131,9 @@ async def set_tenant_policy(
     return await get_tenant(session, tenant_id)
 
 
-class TenantRegistry:
-    """Read-through cache of the registry for the edge and the gateway.
-
-    An entry lives ``ttl_s``; while ``changes`` listens, ``listening_ttl_s``: a change
-    to a tenant is pushed then, and forgets its entry (a look-up that was under way when
-    it came is not cached)."""
+class TenantRegistry(PushedCache[str, Tenant]):
+    """Read-through cache of the registry for the edge and the gateway
+    (:class:`~ragplane.control.changes.PushedCache`: pushed changes forget a tenant)."""
 
     def __init__(
         self,
@@ -147,34 +143,15 @@ class TenantRegistry:
         changes: ControlChanges | None = None,
         listening_ttl_s: float = 300.0,
     ) -> None:
-        self._db = db
-        self._ttl_s = ttl_s
-        self._changes = changes
-        self._listening_ttl_s = listening_ttl_s
-        self._cache: dict[str, tuple[float, Tenant]] = {}
-        self._generation = 0  # moves on every forget
-        if changes is not None:
-            changes.subscribe(self.forget)
+        async def load(tenant_id: str) -> Tenant:
+            # one round trip (a unit of work would take three: BEGIN, SELECT, COMMIT)
+            rows = await db.control_fetch(_SELECT + _ONE, (tenant_id,))
+            return _found(rows[0] if rows else None, tenant_id)
 
-    def forget(self, tenant_id: str | None) -> None:
-        """Drop ``tenant_id``'s entry (``None``: every entry)."""
-        self._generation += 1
-        if tenant_id is None:
-            self._cache.clear()
-        else:
-            self._cache.pop(tenant_id, None)
+        super().__init__(
+            load, _itself, ttl_s=ttl_s, changes=changes, listening_ttl_s=listening_ttl_s
+        )
 
-    async def get(self, tenant_id: str) -> Tenant:
-        now = time.monotonic()
-        hit = self._cache.get(tenant_id)
-        if hit is not None and now - hit[0] < cache_ttl(
-            self._changes, self._ttl_s, self._listening_ttl_s
-        ):
-            return hit[1]
-        generation = self._generation
-        # one round trip (a unit of work would take three: BEGIN, SELECT, COMMIT)
-        rows = await self._db.control_fetch(_SELECT + _ONE, (tenant_id,))
-        tenant = _found(rows[0] if rows else None, tenant_id)
-        if generation == self._generation:
-            self._cache[tenant_id] = (now, tenant)
-        return tenant
+
+def _itself(tenant_id: str) -> str:
+    return tenant_id

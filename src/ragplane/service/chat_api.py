@@ -123,7 +123,7 @@ async def chat(
     service: ChatService = platform.chat
     tenant = await platform.edge.registry.get(ctx.tenant_id)
     try:
-        namespace = await platform.namespaces.get(ctx.tenant_id, body.kb)
+        namespace = await platform.namespaces.get((ctx.tenant_id, body.kb))
     except NamespaceNotFound:
         raise NotFound(
             f"no knowledge base {body.kb!r} for this tenant", code="namespace_not_found"
