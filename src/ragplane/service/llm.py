@@ -76,6 +76,7 @@ class GatewayClient:
             "x-tenant-id": tenant_id,
             "x-request-id": request_id,
             "traceparent": traceparent,
+            "content-type": "application/json",
         }
         if feature:
             headers["x-feature-id"] = feature
@@ -92,15 +93,11 @@ class GatewayClient:
         feature: str | None = None,
         max_tokens: int | None = None,
     ) -> tuple[str, LlmUsage]:
-        body: dict[str, Any] = {"model": alias, "messages": list(messages)}
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
         try:
             r = await self._http.post(
                 "/v1/chat/completions",
-                content=orjson.dumps(body),
-                headers=self._headers(tenant_id, request_id, traceparent, feature)
-                | {"content-type": "application/json"},
+                content=_body(alias, messages, max_tokens, stream=False),
+                headers=self._headers(tenant_id, request_id, traceparent, feature),
                 timeout=self._timeout,
             )
         except httpx.HTTPError as exc:
@@ -124,25 +121,15 @@ class GatewayClient:
     ) -> AsyncIterator[LlmDelta | LlmUsage]:
         """Text deltas as they come, then the usage; an error after the first delta is an
         :class:`LlmCallError` with ``started`` set."""
-        body: dict[str, Any] = {
-            "model": alias,
-            "messages": list(messages),
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
-        headers = self._headers(tenant_id, request_id, traceparent, feature) | {
-            "content-type": "application/json",
-            "accept": "text/event-stream",
-        }
+        headers = self._headers(tenant_id, request_id, traceparent, feature)
+        headers["accept"] = "text/event-stream"
         started = False
         usage = LlmUsage()
         try:
             async with self._http.stream(
                 "POST",
                 "/v1/chat/completions",
-                content=orjson.dumps(body),
+                content=_body(alias, messages, max_tokens, stream=True),
                 headers=headers,
                 timeout=self._timeout,
             ) as r:
@@ -181,6 +168,18 @@ class GatewayClient:
             status=502,
             started=started,
         )
+
+
+def _body(
+    alias: str, messages: Sequence[ChatMessage], max_tokens: int | None, *, stream: bool
+) -> bytes:
+    """The chat-completions request: the alias as the model; a stream asks for usage."""
+    body: dict[str, Any] = {"model": alias, "messages": list(messages)}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    return orjson.dumps(body)
 
 
 def _usage(data: dict[str, Any]) -> LlmUsage:
