@@ -439,14 +439,18 @@ def bench_guard(
     from ragplane.evals.bench_guard import (
         fill_templates,
         load_injection_corpus,
+        load_ordinary_questions,
         load_presidio_templates,
         run_guard_bench,
     )
+    from ragplane.knowledge.embedder import LocalEmbedder
 
     sentences = fill_templates(load_presidio_templates(), repeats=repeats, seed=seed)
     result = run_guard_bench(
         load_injection_corpus(),
         sentences,
+        embed=LocalEmbedder().encode,
+        ordinary=load_ordinary_questions(),
         progress=lambda msg: err.print(f"[dim]{msg}…[/]"),
     )
     report = result.as_json()
@@ -466,14 +470,33 @@ def bench_guard(
         table.add_row(cat, str(c["rows"]), str(c["flagged"]), f"{rate:.3f}")
     table.add_row("[b]malicious: recall[/]", str(inj["malicious_rows"]), "", f"{inj['recall']:.3f}")
     table.add_row("[b]benign: FPR[/]", str(inj["benign_rows"]), "", f"{inj['fpr']:.3f}")
-    for name, s in inj["splits"].items():
+    out.print(table)
+    ordinary = inj["ordinary_questions"]
+    table = Table(
+        "detector",
+        "recall / FPR",
+        "dev split",
+        "holdout split (never read)",
+        f"ordinary questions refused (of {ordinary['rows']})",
+        title="side by side: the rules, the learned model, both (the platform's decision)",
+    )
+    for name, d in inj["detectors"].items():
+        dev, hold = d["splits"]["dev"], d["splits"]["holdout"]
         table.add_row(
-            f"  {name} split",
-            f"{s['malicious_rows']} / {s['benign_rows']}",
-            "",
-            f"{s['recall']:.3f} / {s['fpr']:.3f}",
+            name,
+            f"{d['recall']:.3f} / {d['fpr']:.3f}",
+            f"{dev['recall']:.3f} / {dev['fpr']:.3f}",
+            f"{hold['recall']:.3f} / {hold['fpr']:.3f}",
+            str(ordinary["flagged"].get(name, "")),
         )
     out.print(table)
+    if inj["model"]:
+        m = inj["model"]
+        out.print(
+            f"model {m['id']} (trained on {m['trained_on']}), threshold {m['threshold']:.4f}: "
+            f"score p50 {m['score_p50_us']} µs, p95 {m['score_p95_us']} µs on the query vector",
+            highlight=False,
+        )
     table = Table(
         "entity", "inserted", "recall", title=f"structured PII ({pii['sentences']:,} sentences)"
     )

@@ -61,6 +61,7 @@ _PROVIDER_KEY = "sk-mock"
 # what the platform spends itself on a miss, outside the provider call
 OVERHEAD_STEPS = (
     "guard_input",
+    "guard_model",
     "cache_exact",
     "embed",
     "cache_near",

@@ -5,8 +5,11 @@ Two public data sets, both installed with the ``bench`` extra:
 - ``bastioncorpus``: prompt injections (``label`` malicious) and false-positive
   traps that look like them (benign), in seven attack categories and several
   languages. Reported: recall on the malicious rows and false-positive rate on the
-  benign ones, overall and per category (a row counts as detected when the scan
-  has a ``prompt_injection`` finding under the default policy).
+  benign ones, overall, per split and per category (a row counts as detected when it
+  gets a ``prompt_injection`` finding under the default policy), for the rules, the
+  learned model (given the embedder) and both together — what the platform decides.
+  The model was trained on another data set (:mod:`ragplane.evals.train_injection`);
+  fow-cache's 1,106 ordinary questions count what each would wrongly refuse.
 - ``presidio-evaluator``'s sentence templates (read as a file: importing the
   package needs spaCy). Each template is filled by ``faker`` with a fixed seed, in
   several locales; the structured placeholders (card, IBAN, email, phone, SSN and
@@ -17,7 +20,8 @@ Two public data sets, both installed with the ``bench`` extra:
   (false positives), per kind.
 
 Latency is :meth:`InputGuard.scan` on every text of both sets, after a warm-up,
-measured with ``time.perf_counter``.
+measured with ``time.perf_counter``; the model's own cost (a dot product on the vector
+the lifecycle computes anyway for the cache) separately, in microseconds.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from ragplane.service.guardrails import GuardPolicy, InputGuard
 
 __all__ = [
@@ -46,6 +53,7 @@ __all__ = [
     "PiiSentence",
     "fill_templates",
     "load_injection_corpus",
+    "load_ordinary_questions",
     "load_presidio_templates",
     "run_guard_bench",
     "split_of",
@@ -103,7 +111,7 @@ class GuardBenchResult:
         }
 
 
-def _package_dir(name: str) -> Path:
+def package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"{name} is not installed (pip install 'ragplane[bench]')")
@@ -112,7 +120,7 @@ def _package_dir(name: str) -> Path:
 
 def load_injection_corpus(path: Path | None = None) -> list[InjectionRow]:
     """bastioncorpus's rows (the ``{canary}`` slot removed)."""
-    path = path or _package_dir("bastioncorpus") / "corpus" / "injections.jsonl"
+    path = path or package_dir("bastioncorpus") / "corpus" / "injections.jsonl"
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
@@ -126,7 +134,7 @@ def load_injection_corpus(path: Path | None = None) -> list[InjectionRow]:
 def load_presidio_templates(path: Path | None = None) -> list[str]:
     """presidio-evaluator's sentence templates, read without importing the package."""
     if path is None:
-        path = _package_dir("presidio_evaluator") / "data_generator/raw_data/templates.txt"
+        path = package_dir("presidio_evaluator") / "data_generator/raw_data/templates.txt"
     text = path.read_text(encoding="utf-8", errors="replace")
     return [
         line.replace("\\n", "\n").replace("\\,", ",").strip()
@@ -257,16 +265,55 @@ def _rate(hit: int, total: int) -> float | None:
     return round(hit / total, 4) if total else None
 
 
+def _detection(rows: Sequence[InjectionRow], flagged: Sequence[bool]) -> dict[str, Any]:
+    """Recall on the malicious rows, false-positive rate on the benign ones, overall and
+    per split (the rules were refined reading "dev" rows only; "holdout" was never read)."""
+
+    def rates(keep: Callable[[InjectionRow], bool]) -> dict[str, Any]:
+        counts: Counter[str] = Counter()
+        for row, found in zip(rows, flagged, strict=True):
+            if keep(row):
+                counts[f"{row.label}_rows"] += 1
+                counts[row.label] += found
+        return {
+            "recall": _rate(counts["malicious"], counts["malicious_rows"]),
+            "fpr": _rate(counts["benign"], counts["benign_rows"]),
+            "malicious_rows": counts["malicious_rows"],
+            "benign_rows": counts["benign_rows"],
+        }
+
+    return rates(lambda _r: True) | {
+        "splits": {
+            name: rates(lambda r, name=name: split_of(r.id) == name)  # type: ignore[misc]
+            for name in ("dev", "holdout")
+        }
+    }
+
+
+def load_ordinary_questions() -> list[str]:
+    """fow-cache's questions (both sides of every pair): ordinary user questions."""
+    from ragplane.evals.bench_cache import load_pairs
+
+    return sorted({q for p in load_pairs() for q in (p.a, p.b)})
+
+
 def run_guard_bench(
     injections: Iterable[InjectionRow],
     sentences: Iterable[PiiSentence],
     *,
     guard: InputGuard | None = None,
     policy: GuardPolicy | None = None,
+    embed: Callable[[list[str]], npt.NDArray[np.float32]] | None = None,
+    ordinary: Sequence[str] = (),
     warmup: int = 200,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> GuardBenchResult:
-    """Score the guard on both data sets and time every scan."""
+    """Score the guard on both data sets and time every scan.
+
+    With ``embed`` (the platform's embedder), the learned injection model is scored too,
+    alone and with the rules (what the platform decides), and ``ordinary`` questions
+    count how many harmless questions each would refuse.
+    """
     guard = guard or InputGuard()
     policy = policy or GuardPolicy()
     injections, sentences = list(injections), list(sentences)
@@ -282,41 +329,63 @@ def run_guard_bench(
         return result
 
     progress(f"injection corpus: {len(injections)} rows")
+    detectors: dict[str, list[bool]] = {
+        "rules": [
+            any(f.kind == "prompt_injection" for f in scan(r.text).findings) for r in injections
+        ]
+    }
+    model_us: list[float] = []
+    ordinary_flags = {
+        "rules": [
+            any(f.kind == "prompt_injection" for f in guard.scan(q, policy).findings)
+            for q in ordinary
+        ]
+    }
+    if embed is not None and guard.model is not None:
+        model = guard.model
+        progress(f"embedding {len(injections)} rows and {len(ordinary)} ordinary questions")
+
+        def flags(texts: list[str]) -> list[bool]:
+            out = []
+            for text, vector in zip(texts, embed(texts), strict=True):
+                t0 = time.perf_counter()
+                verdict = guard.classify(text, vector, model.embedding_model, policy)
+                model_us.append((time.perf_counter() - t0) * 1e6)
+                out.append(verdict is not None and bool(verdict[1].findings))
+            return out
+
+        detectors["model"] = flags([r.text for r in injections])
+        detectors["rules+model"] = [
+            a or b for a, b in zip(detectors["rules"], detectors["model"], strict=True)
+        ]
+        ordinary_flags["model"] = flags(list(ordinary))
+        ordinary_flags["rules+model"] = [
+            a or b for a, b in zip(ordinary_flags["rules"], ordinary_flags["model"], strict=True)
+        ]
+    decided = detectors["rules+model" if "model" in detectors else "rules"]
     per_category: dict[str, Counter[str]] = defaultdict(Counter)
-    per_label: dict[str, Counter[str]] = defaultdict(Counter)
-    missed: list[str] = []
-    for row in injections:
-        found = any(f.kind == "prompt_injection" for f in scan(row.text).findings)
-        split = per_label[f"{split_of(row.id)}:{row.label}"]
-        for bucket in (per_category[row.category], per_label[row.label], split):
-            bucket["rows"] += 1
-            bucket["flagged"] += found
-        if found != (row.label == "malicious"):
-            missed.append(row.id)
-    malicious, benign = per_label["malicious"], per_label["benign"]
-    recall = _rate(malicious["flagged"], malicious["rows"])
-    fpr = _rate(benign["flagged"], benign["rows"])
+    for row, found in zip(injections, decided, strict=True):
+        per_category[row.category]["rows"] += 1
+        per_category[row.category]["flagged"] += found
+    by_detector = {name: _detection(injections, f) for name, f in detectors.items()}
     injection: dict[str, Any] = {
         "rows": len(injections),
-        "recall": recall,
-        "fpr": fpr,
-        "malicious_rows": malicious["rows"],
-        "benign_rows": benign["rows"],
+        **by_detector[next(reversed(by_detector))],  # what the platform decides
         "threshold": policy.injection_threshold,
-        # rules were refined looking only at "dev" rows; "holdout" rows were never read
-        "splits": {
-            name: {
-                "recall": _rate(
-                    per_label[f"{name}:malicious"]["flagged"],
-                    per_label[f"{name}:malicious"]["rows"],
-                ),
-                "fpr": _rate(
-                    per_label[f"{name}:benign"]["flagged"], per_label[f"{name}:benign"]["rows"]
-                ),
-                "malicious_rows": per_label[f"{name}:malicious"]["rows"],
-                "benign_rows": per_label[f"{name}:benign"]["rows"],
-            }
-            for name in ("dev", "holdout")
+        "model": None
+        if "model" not in detectors or guard.model is None
+        else {
+            "id": guard.model.id,
+            "threshold": guard.model.threshold,
+            "trained_on": guard.model.about.get("trained_on", {}).get("name"),
+            "score_p50_us": round(_percentile(sorted(model_us), 0.5), 2),
+            "score_p95_us": round(_percentile(sorted(model_us), 0.95), 2),
+        },
+        "detectors": by_detector,
+        # user questions with no attack in them (fow-cache's): what a guard must let through
+        "ordinary_questions": {
+            "rows": len(ordinary),
+            "flagged": {name: sum(f) for name, f in ordinary_flags.items()},
         },
         "categories": {
             cat: {
@@ -327,7 +396,9 @@ def run_guard_bench(
             }
             for cat, c in sorted(per_category.items())
         },
-        "wrong_ids": missed,
+        "wrong_ids": [
+            r.id for r, f in zip(injections, decided, strict=True) if f != (r.label == "malicious")
+        ],
     }
 
     progress(f"PII sentences: {len(sentences)}")
@@ -386,6 +457,7 @@ def run_guard_bench(
     }
 
     min_pii = min((v for v in recall_by_kind.values() if v is not None), default=None)
+    fpr, holdout = injection["fpr"], injection["splits"]["holdout"]["recall"]
     targets = [
         {
             "goal": f"injection recall >= {INJECTION_TARGET_RECALL}",
@@ -393,6 +465,11 @@ def run_guard_bench(
             "met": None
             if injection["recall"] is None
             else injection["recall"] >= INJECTION_TARGET_RECALL,
+        },
+        {
+            "goal": f"injection recall >= {INJECTION_TARGET_RECALL} on the never-read half",
+            "measured": holdout,
+            "met": None if holdout is None else holdout >= INJECTION_TARGET_RECALL,
         },
         {
             "goal": f"injection FPR <= {INJECTION_TARGET_FPR}",

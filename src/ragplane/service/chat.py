@@ -8,6 +8,9 @@ then yields the answer as typed events (``meta``, ``delta``, ``citations``, ``do
 1. tenant context: verified at the edge; the tenant's guard policy and output mode come
    with its registry row;
 2. input guard: block (400 with a reason code), redact, or log, per the tenant's policy;
+   the learned injection model reads the query's vector as soon as it is embedded
+   (before the near cache path, or before a follow-up's rewrite), and a question it
+   flags is never written back to the cache;
 3. semantic cache: the exact path (no embedding), then the near path, verified by the
    cache policy and the answer's evidence (:mod:`ragplane.service.semcache`);
 4. query rewrite through the gateway's rewrite alias, only for a follow-up in a session
@@ -31,8 +34,10 @@ answer, else the opening sentences of its best passages, quoted and cited withou
 model — both in ``offline`` mode with a banner; with neither, the request fails with an
 error that names why. Every step's time is a span of the request's trace: kept on its
 request-log row, observed in ``/metrics`` and exported over OTLP
-(:mod:`ragplane.service.tracing`), all from the request's record once it ended. A
-failure after the stream started ends it with an ``error`` event.
+(:mod:`ragplane.service.tracing`), all from the request's record once it ended. An
+``error`` that comes first (the injection model's refusal, inference switched off with
+nothing cached) is sent by the API as a plain HTTP error; a failure after the answer
+started ends the stream with an ``error`` event.
 """
 
 from __future__ import annotations
@@ -162,6 +167,7 @@ class Prepared:
 class _Outcome:
     mode: str = "normal"
     cache_hit: bool = False
+    flagged: bool = False  # the injection model flagged the query (a tenant that logs it)
     outcome: str = "answered"
     status: int = 200
     usage: LlmUsage = field(default_factory=LlmUsage)
@@ -330,20 +336,26 @@ class ChatService:
         with t.span("flags"):
             inference_on = await self.flags.is_on(AI_INFERENCE_ENABLED, tenant_id)
         rewritten = False
+        model = p.namespace.embedding_model
         if history:
+            # the rewrite model reads the user's words: the injection model sees them first
+            self._screen(p, out, query, await self._embed(t, query, model))
             query = await self._rewrite(
                 p, query, history, reason="follow_up", use_model=inference_on
             )
             rewritten = True
         scope = CacheScope(s.model_alias, p.namespace.name, PROMPT_VERSION, p.request.filters)
-        model = p.namespace.embedding_model
         vector: npt.NDArray[np.float32] | None = None
         if s.cache_enabled:
+            # Exact hits skip the injection model: only screened questions are written
+            # back, and a hit reaches no model.
             with t.span("cache_exact") as span:
                 hit = await self.cache.exact(tenant_id, scope, query)
                 span["hit"] = hit is not None
             if hit is None:
                 vector = await self._embed(t, query, model)
+                if not rewritten:
+                    self._screen(p, out, query, vector)
                 with t.span("cache_near") as span:
                     hit, reason = await self.cache.near(tenant_id, scope, query, vector, model)
                     span["hit"] = hit is not None
@@ -372,6 +384,8 @@ class ChatService:
             return
         if vector is None:
             vector = await self._embed(t, query, model)
+            if not rewritten:
+                self._screen(p, out, query, vector)
         found = await self._retrieve(p, query, vector)
         if not rewritten and self._weak(found):
             better = await self._rewrite(p, query, [], reason="low_confidence")
@@ -407,6 +421,29 @@ class ChatService:
         p.trace.counters["context_duplicates"] += context.skipped_duplicates
         p.trace.counters["context_over_budget"] += context.skipped_over_budget
         return context
+
+    def _screen(
+        self, p: Prepared, out: _Outcome, query: str, vector: npt.NDArray[np.float32]
+    ) -> None:
+        """Step 2's second half: the learned injection model on the query's vector."""
+        with p.trace.span("guard_model") as span:
+            verdict = self.guard.classify(query, vector, p.namespace.embedding_model, p.guard)
+            span["scored"] = verdict is not None
+            if verdict is None:
+                return
+            score, result = verdict
+            span["score"] = round(score, 4)
+            span["flagged"] = bool(result.findings)
+        if result.blocked:
+            p.trace.counters["guard_blocked"] += 1
+            log.info("input_blocked", reason=result.reason, by="model", score=round(score, 4))
+            raise BadRequest(
+                f"the request was refused by the input guard ({result.reason})",
+                code=str(result.reason),
+            )
+        if result.findings:
+            p.trace.counters["guard_model_flagged"] += 1
+            out.flagged = True
 
     async def _embed(self, t: Trace, query: str, model: str) -> npt.NDArray[np.float32]:
         with t.span("embed"):
@@ -597,7 +634,7 @@ class ChatService:
             if pending:
                 yield "delta", {"text": redact_pii(pending, p.guard).text}
         yield "citations", {"citations": out.citations, "dropped": verified.dropped}
-        if self.settings.cache_enabled and out.citations:
+        if self.settings.cache_enabled and out.citations and not out.flagged:
             # before "done": a client that asks again once it has the answer finds it
             await self._write_back(p, scope, query, vector, kb_version, out)
         yield "done", self._done(p, out)

@@ -10,9 +10,11 @@ session_id, usage, model_alias}`` (``banner`` too in offline mode). ``"stream": 
     event: done       {usage, cache_hit, mode, latency_ms}
     event: error      {code, message, request_id, status}   (instead of what is left)
 
-A refusal before the answer starts (unknown knowledge base, the input guard, a bad
-body) is a plain JSON error with its HTTP status, in both modes. Once a stream has
-started, a failure ends it with an ``error`` event — never silently.
+A refusal before the answer starts (unknown knowledge base, the input guard or its
+injection model, a bad body, inference switched off with nothing to serve) is a plain
+JSON error with its HTTP status, in both modes: a stream's headers go out with its first
+event. Once a stream has started, a failure ends it with an ``error`` event — never
+silently.
 """
 
 from __future__ import annotations
@@ -102,6 +104,20 @@ async def _frames(events: AsyncIterator[ChatEvent]) -> AsyncIterator[bytes]:
         yield _sse(name, data)
 
 
+async def _prepend(first: ChatEvent, rest: AsyncIterator[ChatEvent]) -> AsyncIterator[ChatEvent]:
+    yield first
+    async for event in rest:
+        yield event
+
+
+def _error_response(error: dict[str, Any], background: BackgroundTask) -> JSONResponse:
+    return JSONResponse(
+        {"error": {k: error[k] for k in ("code", "message", "request_id")}},
+        status_code=error["status"],
+        background=background,
+    )
+
+
 @router.post(
     "/v1/chat",
     tags=["chat"],
@@ -143,26 +159,27 @@ async def chat(
         request_context(request).trace,
     )
     remember = BackgroundTask(service.remember, prepared)
+    answer = service.answer(prepared)
     if prepared.request.stream:
+        first = await anext(answer)
+        if first[0] == "error":  # refused before the answer began: a plain HTTP error
+            async for _ in answer:  # nothing follows an error; this ends the generator
+                pass
+            return _error_response(first[1], remember)
         return StreamingResponse(
-            _frames(service.answer(prepared)),
+            _frames(_prepend(first, answer)),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
             background=remember,
         )
-    events: list[ChatEvent] = [event async for event in service.answer(prepared)]
+    events: list[ChatEvent] = [event async for event in answer]
     found = dict(events)
     if "error" in found:
-        error = found["error"]
-        return JSONResponse(
-            {"error": {k: error[k] for k in ("code", "message", "request_id")}},
-            status_code=error["status"],
-        )
+        return _error_response(found["error"], remember)
     meta, done = found["meta"], found["done"]
-    answer = "".join(data["text"] for name, data in events if name == "delta")
     return JSONResponse(
         {
-            "answer": answer,
+            "answer": "".join(data["text"] for name, data in events if name == "delta"),
             "citations": found["citations"]["citations"],
             "citations_dropped": found["citations"]["dropped"],
             "cache_hit": meta["cache_hit"],

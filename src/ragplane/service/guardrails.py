@@ -8,6 +8,9 @@
       │                                    ES DNI/NIE, FR NIR), prefixed secrets
       ├── blocked topics                   the tenant's keywords, whole words
       └── prompt injection  (_injection)   an InjectionClassifier, heuristic by default
+    InputGuard.classify(text, vector, …)   the learned injection model on the query's
+                                           embedding (_injection_model), once the
+                                           lifecycle has embedded the query
     redact_pii(text, policy)               the model's answer: PII and secrets only,
                                            never blocks (a "block" becomes "redact")
 
@@ -23,6 +26,14 @@ checksums): a typical query takes about 0.2 ms, a few hundred characters under a
 1 ms (``ragplane bench guard``). The injection classifier is a
 :class:`typing.Protocol`, so a model can replace the heuristics without touching the
 callers.
+
+The learned model (:class:`InjectionModel`) is the second half of the injection check:
+logistic regression over the sentence embedding, trained on a public labelled set. It
+needs the query's vector, so the chat lifecycle calls :meth:`InputGuard.classify` right
+after its embedding step, before anything else reads the vector and before any model
+sees the query. Its finding covers the whole text: ``block`` and ``redact`` both refuse
+the request (there is no span to cut out), ``log`` lets it through, flagged. A tenant
+can turn the model off with ``"injection_model": false``.
 """
 
 from __future__ import annotations
@@ -34,9 +45,13 @@ from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
+import numpy as np
+import numpy.typing as npt
+
 from ragplane.errors import ConfigError
 from ragplane.observe.logging import get_logger
 from ragplane.service._injection import HeuristicInjectionClassifier
+from ragplane.service._injection_model import InjectionModel
 from ragplane.service._pii import PII_KINDS, Finding, scan_pii
 
 __all__ = [
@@ -49,6 +64,7 @@ __all__ = [
     "GuardResult",
     "HeuristicInjectionClassifier",
     "InjectionClassifier",
+    "InjectionModel",
     "InputGuard",
     "redact_pii",
 ]
@@ -104,12 +120,14 @@ class GuardPolicy:
     ``actions`` maps every kind in :data:`KINDS` to an :data:`Action` (missing kinds
     take :data:`DEFAULT_ACTIONS`); ``blocked_topics`` are keywords or phrases matched
     case-insensitively as whole words; an injection score at or above
-    ``injection_threshold`` is a ``prompt_injection`` finding.
+    ``injection_threshold`` is a ``prompt_injection`` finding; ``injection_model``
+    says whether the learned classifier runs too.
     """
 
     actions: Mapping[str, Action] = field(default_factory=lambda: DEFAULT_ACTIONS)
     blocked_topics: tuple[str, ...] = ()
     injection_threshold: float = 0.5
+    injection_model: bool = True
 
     def action(self, kind: str) -> Action:
         return self.actions.get(kind, DEFAULT_ACTIONS[kind])
@@ -117,7 +135,7 @@ class GuardPolicy:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None) -> GuardPolicy:
         """A policy from the control plane's JSON, e.g. ``{"actions": {"email": "log"},
-        "blocked_topics": ["crypto"], "injection_threshold": 0.6}``.
+        "blocked_topics": ["crypto"], "injection_threshold": 0.6, "injection_model": true}``.
 
         Raises :class:`~ragplane.errors.ConfigError` naming the key that is wrong.
         """
@@ -125,7 +143,12 @@ class GuardPolicy:
             return cls()
         if not isinstance(data, Mapping):
             raise ConfigError(f"guard policy: expected an object, got {type(data).__name__}")
-        unknown = set(data) - {"actions", "blocked_topics", "injection_threshold"}
+        unknown = set(data) - {
+            "actions",
+            "blocked_topics",
+            "injection_threshold",
+            "injection_model",
+        }
         if unknown:
             raise ConfigError(f"guard policy: unknown key(s) {', '.join(sorted(unknown))}")
         actions: dict[str, Action] = dict(DEFAULT_ACTIONS)
@@ -152,10 +175,14 @@ class GuardPolicy:
             raise ConfigError("guard policy: injection_threshold must be a number")
         if not 0.0 <= threshold <= 1.0:
             raise ConfigError("guard policy: injection_threshold must be between 0 and 1")
+        use_model = data.get("injection_model", True)
+        if not isinstance(use_model, bool):
+            raise ConfigError("guard policy: injection_model must be true or false")
         return cls(
             actions=MappingProxyType(actions),
             blocked_topics=tuple(t.strip() for t in topics),
             injection_threshold=float(threshold),
+            injection_model=use_model,
         )
 
 
@@ -235,10 +262,19 @@ def _apply(
 
 
 class InputGuard:
-    """Scans user input: PII and secrets, blocked topics, prompt injection."""
+    """Scans user input: PII and secrets, blocked topics, prompt injection.
 
-    def __init__(self, classifier: InjectionClassifier | None = None) -> None:
+    ``model`` is the learned injection classifier for :meth:`classify` (default: the
+    shipped one; ``None`` for none).
+    """
+
+    def __init__(
+        self,
+        classifier: InjectionClassifier | None = None,
+        model: InjectionModel | Literal["default"] | None = "default",
+    ) -> None:
         self._classifier = classifier or HeuristicInjectionClassifier()
+        self.model = InjectionModel.load() if model == "default" else model
 
     def scan(self, text: str, policy: GuardPolicy) -> GuardResult:
         findings = scan_pii(text)
@@ -262,6 +298,33 @@ class InputGuard:
             if score >= policy.injection_threshold:
                 findings.append(Finding("prompt_injection", 0, len(text), score=score))
         return _apply(text, findings, policy, can_block=True)
+
+    def classify(
+        self,
+        text: str,
+        vector: npt.NDArray[np.float32],
+        embedding_model: str,
+        policy: GuardPolicy,
+    ) -> tuple[float, GuardResult] | None:
+        """The learned model's score for ``vector`` (``text``'s embedding) and what the
+        policy makes of it; ``None`` when it does not apply (no model, turned off by
+        the tenant, or a vector from another embedding model)."""
+        model = self.model
+        if model is None or not policy.injection_model or model.embedding_model != embedding_model:
+            return None
+        score = model.score(vector)
+        if score < model.threshold:
+            return score, GuardResult(text, (), blocked=False, reason=None, redacted=())
+        finding = Finding("prompt_injection", 0, len(text), score=score, detail=model.id)
+        blocks = policy.action("prompt_injection") != "log"  # no span to redact: refuse
+        log.debug("guard_model_flagged", model=model.id, score=round(score, 4), blocked=blocks)
+        return score, GuardResult(
+            text,
+            (finding,),
+            blocked=blocks,
+            reason=REASON_CODES["prompt_injection"] if blocks else None,
+            redacted=(),
+        )
 
 
 def redact_pii(text: str, policy: GuardPolicy) -> GuardResult:
