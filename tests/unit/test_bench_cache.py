@@ -96,6 +96,7 @@ async def test_two_fold_tunes_on_one_half_and_scores_the_other() -> None:
         "cosine >= 0.90",
         "cosine >= 0.95",
         "ragplane policy",
+        "ragplane policy without thesaurus",  # side by side: what WordNet adds
     }
 
 

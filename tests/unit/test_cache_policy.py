@@ -201,3 +201,29 @@ def test_quoted_text_must_match(policy: CachePolicy) -> None:
     assert verdict == CacheVerdict(False, "anchor_mismatch")
     verdict = policy.verify('What does the error "um" mean?', 'What does the error "" mean?', 0.99)
     assert not verdict.hit
+
+
+def test_one_word_replaced_by_a_synonym_is_a_near_repeat(policy: CachePolicy) -> None:
+    assert policy.thesaurus is not None  # WordNet, installed by `make install`
+    for new, cached in [
+        ("When does the spring semester begin?", "When does the spring semester start?"),
+        (
+            "Where is the closest shop that sells bikes?",
+            "Where is the closest store that sells bikes?",
+        ),
+        ("How do I obtain a copy of my lease?", "How do I get a copy of my lease?"),
+        ("How do I get a quotation for a new roof?", "How do I get a quote for a new roof?"),
+    ]:
+        assert policy.verify(new, cached, 0.9) == CacheVerdict(True, "near_repeat"), new
+    # the traps of the same shape share no meaning: opposites, siblings, other words
+    for new, cached in [
+        ("Is the library closed on Sundays?", "Is the library open on Sundays?"),
+        ("How do I house-train a kitten?", "How do I house-train a puppy?"),
+        ("What are the drawbacks of solar panels?", "What are the benefits of solar panels?"),
+        ("Can I sell my ticket?", "Can I buy my ticket?"),
+    ]:
+        assert policy.verify(new, cached, 0.97) == CacheVerdict(False, "content_edit"), new
+    without = CachePolicy(thesaurus=None)
+    assert without.verify(
+        "When does the spring semester begin?", "When does the spring semester start?", 0.9
+    ) == CacheVerdict(False, "content_edit")

@@ -259,7 +259,7 @@ def _tunables(policy: CachePolicy) -> dict[str, Any]:
 def _with(policy: CachePolicy, tunables: dict[str, Any], threshold: float) -> CachePolicy:
     changed = {**tunables, "paraphrase_similarity": threshold}
     changed["min_similarity"] = min(changed["min_similarity"], threshold)
-    return CachePolicy(**changed, vocabulary=policy.vocabulary)
+    return CachePolicy(**changed, vocabulary=policy.vocabulary, thesaurus=policy.thesaurus)
 
 
 async def run_cache_bench(
@@ -294,6 +294,11 @@ async def run_cache_bench(
         gc.enable()
     methods = {f"cosine >= {t:.2f}": _method(pairs, _cosine_hits(t, cosine)) for t in thresholds}
     methods[POLICY] = _method(pairs, lambda p: verdicts[p.id].hit)
+    if policy.thesaurus is not None:  # what the thesaurus adds, side by side
+        plain = CachePolicy(**_tunables(policy), vocabulary=policy.vocabulary, thesaurus=None)
+        methods[f"{POLICY} without thesaurus"] = _method(
+            pairs, lambda p: plain.verify(p.b, p.a, cosine[p.id]).hit
+        )
     reasons: dict[str, dict[str, int]] = {}
     for p in pairs:
         by_reason = reasons.setdefault(p.category, {})
