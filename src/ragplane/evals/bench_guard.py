@@ -269,10 +269,10 @@ def _detection(rows: Sequence[InjectionRow], flagged: Sequence[bool]) -> dict[st
     """Recall on the malicious rows, false-positive rate on the benign ones, overall and
     per split (the rules were refined reading "dev" rows only; "holdout" was never read)."""
 
-    def rates(keep: Callable[[InjectionRow], bool]) -> dict[str, Any]:
+    def rates(split: str | None) -> dict[str, Any]:
         counts: Counter[str] = Counter()
         for row, found in zip(rows, flagged, strict=True):
-            if keep(row):
+            if split is None or split_of(row.id) == split:
                 counts[f"{row.label}_rows"] += 1
                 counts[row.label] += found
         return {
@@ -282,12 +282,7 @@ def _detection(rows: Sequence[InjectionRow], flagged: Sequence[bool]) -> dict[st
             "benign_rows": counts["benign_rows"],
         }
 
-    return rates(lambda _r: True) | {
-        "splits": {
-            name: rates(lambda r, name=name: split_of(r.id) == name)  # type: ignore[misc]
-            for name in ("dev", "holdout")
-        }
-    }
+    return rates(None) | {"splits": {name: rates(name) for name in ("dev", "holdout")}}
 
 
 def load_ordinary_questions() -> list[str]:
@@ -329,20 +324,16 @@ def run_guard_bench(
         return result
 
     progress(f"injection corpus: {len(injections)} rows")
-    detectors: dict[str, list[bool]] = {
-        "rules": [
-            any(f.kind == "prompt_injection" for f in scan(r.text).findings) for r in injections
-        ]
-    }
+
+    def by_rules(text: str, scanner: Callable[[str], Any]) -> bool:
+        return any(f.kind == "prompt_injection" for f in scanner(text).findings)
+
+    detectors = {"rules": [by_rules(r.text, scan) for r in injections]}
+    # ordinary questions are not timed: the latency figures stay those of both data sets
+    ordinary_flags = {"rules": [by_rules(q, lambda t: guard.scan(t, policy)) for q in ordinary]}
     model_us: list[float] = []
-    ordinary_flags = {
-        "rules": [
-            any(f.kind == "prompt_injection" for f in guard.scan(q, policy).findings)
-            for q in ordinary
-        ]
-    }
-    if embed is not None and guard.model is not None:
-        model = guard.model
+    model = guard.model if embed is not None else None
+    if model is not None and embed is not None:
         progress(f"embedding {len(injections)} rows and {len(ordinary)} ordinary questions")
 
         def flags(texts: list[str]) -> list[bool]:
@@ -354,15 +345,14 @@ def run_guard_bench(
                 out.append(verdict is not None and bool(verdict[1].findings))
             return out
 
-        detectors["model"] = flags([r.text for r in injections])
-        detectors["rules+model"] = [
-            a or b for a, b in zip(detectors["rules"], detectors["model"], strict=True)
-        ]
-        ordinary_flags["model"] = flags(list(ordinary))
-        ordinary_flags["rules+model"] = [
-            a or b for a, b in zip(ordinary_flags["rules"], ordinary_flags["model"], strict=True)
-        ]
-    decided = detectors["rules+model" if "model" in detectors else "rules"]
+        sets = ((detectors, [r.text for r in injections]), (ordinary_flags, list(ordinary)))
+        for by_name, inputs in sets:
+            by_name["model"] = flags(inputs)
+            by_name["rules+model"] = [
+                a or b for a, b in zip(by_name["rules"], by_name["model"], strict=True)
+            ]
+    decider = "rules" if model is None else "rules+model"  # what the platform decides
+    decided = detectors[decider]
     per_category: dict[str, Counter[str]] = defaultdict(Counter)
     for row, found in zip(injections, decided, strict=True):
         per_category[row.category]["rows"] += 1
@@ -370,14 +360,14 @@ def run_guard_bench(
     by_detector = {name: _detection(injections, f) for name, f in detectors.items()}
     injection: dict[str, Any] = {
         "rows": len(injections),
-        **by_detector[next(reversed(by_detector))],  # what the platform decides
+        **by_detector[decider],
         "threshold": policy.injection_threshold,
         "model": None
-        if "model" not in detectors or guard.model is None
+        if model is None
         else {
-            "id": guard.model.id,
-            "threshold": guard.model.threshold,
-            "trained_on": guard.model.about.get("trained_on", {}).get("name"),
+            "id": model.id,
+            "threshold": model.threshold,
+            "trained_on": model.about.get("trained_on", {}).get("name"),
             "score_p50_us": round(_percentile(sorted(model_us), 0.5), 2),
             "score_p95_us": round(_percentile(sorted(model_us), 0.95), 2),
         },

@@ -110,11 +110,10 @@ async def _prepend(first: ChatEvent, rest: AsyncIterator[ChatEvent]) -> AsyncIte
         yield event
 
 
-def _error_response(error: dict[str, Any], background: BackgroundTask) -> JSONResponse:
+def _error_response(error: dict[str, Any]) -> JSONResponse:
     return JSONResponse(
         {"error": {k: error[k] for k in ("code", "message", "request_id")}},
         status_code=error["status"],
-        background=background,
     )
 
 
@@ -165,7 +164,7 @@ async def chat(
         if first[0] == "error":  # refused before the answer began: a plain HTTP error
             async for _ in answer:  # nothing follows an error; this ends the generator
                 pass
-            return _error_response(first[1], remember)
+            return _error_response(first[1])
         return StreamingResponse(
             _frames(_prepend(first, answer)),
             media_type="text/event-stream",
@@ -175,7 +174,7 @@ async def chat(
     events: list[ChatEvent] = [event async for event in answer]
     found = dict(events)
     if "error" in found:
-        return _error_response(found["error"], remember)
+        return _error_response(found["error"])
     meta, done = found["meta"], found["done"]
     return JSONResponse(
         {
