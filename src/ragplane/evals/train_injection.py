@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,8 +133,6 @@ def train(vectors: dict[str, npt.NDArray[np.float64]], splits: dict[str, Split])
 
 
 def main(argv: list[str] | None = None) -> None:
-    import json
-
     from ragplane.knowledge.embedder import LocalEmbedder
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
