@@ -352,6 +352,29 @@ async def test_a_follow_up_in_a_session_is_rewritten(
     assert counters.get("rewrite_follow_up") == 1
 
 
+async def test_a_follow_up_is_screened_by_the_injection_model_before_the_rewrite(
+    pg: PgCluster, chat: httpx.AsyncClient
+) -> None:
+    first = (await _ask(chat, REFUND_EU)).json()
+    await asyncio.sleep(0.3)
+    r = await _ask(chat, MODEL_ONLY_INJECTION, session_id=first["session_id"], stream=True)
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "prompt_injection")
+    await chat.platform.events.stop()  # type: ignore[attr-defined]
+    with psycopg.connect(pg.superuser_url) as conn:
+        (counters, spans) = conn.execute(
+            "SELECT counters, spans FROM request_log WHERE request_id = %s",
+            (r.headers["x-request-id"],),
+        ).fetchone()
+    names = [s["name"] for s in spans]
+    assert "guard_model" in names  # screened ...
+    assert "rewrite" not in names  # ... and the rewrite model never saw it
+    assert "rewrite_follow_up" not in counters
+    # the refused question did not join the conversation
+    async with Database(pg.app, max_size=1) as db:
+        turns = await SessionStore(db).history("tnt_alpha", first["session_id"])
+    assert MODEL_ONLY_INJECTION not in [t.content for t in turns]
+
+
 async def test_bad_requests_name_the_problem(chat: httpx.AsyncClient) -> None:
     r = await _ask(chat, REFUND_EU, kb="nope")
     assert (r.status_code, r.json()["error"]["code"]) == (404, "namespace_not_found")
