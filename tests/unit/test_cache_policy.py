@@ -203,7 +203,9 @@ def test_quoted_text_must_match(policy: CachePolicy) -> None:
     assert not verdict.hit
 
 
-def test_one_word_replaced_by_a_synonym_is_a_near_repeat(policy: CachePolicy) -> None:
+def test_one_word_replaced_by_a_synonym_hits_when_the_embedder_agrees(
+    policy: CachePolicy,
+) -> None:
     assert policy.thesaurus is not None  # WordNet, installed by `make install`
     for new, cached in [
         ("When does the spring semester begin?", "When does the spring semester start?"),
@@ -214,7 +216,7 @@ def test_one_word_replaced_by_a_synonym_is_a_near_repeat(policy: CachePolicy) ->
         ("How do I obtain a copy of my lease?", "How do I get a copy of my lease?"),
         ("How do I get a quotation for a new roof?", "How do I get a quote for a new roof?"),
     ]:
-        assert policy.verify(new, cached, 0.9) == CacheVerdict(True, "near_repeat"), new
+        assert policy.verify(new, cached, 0.9) == CacheVerdict(True, "synonym"), new
     # the traps of the same shape share no meaning: opposites, siblings, other words
     for new, cached in [
         ("Is the library closed on Sundays?", "Is the library open on Sundays?"),
@@ -223,6 +225,15 @@ def test_one_word_replaced_by_a_synonym_is_a_near_repeat(policy: CachePolicy) ->
         ("Can I sell my ticket?", "Can I buy my ticket?"),
     ]:
         assert policy.verify(new, cached, 0.97) == CacheVerdict(False, "content_edit"), new
+    # a rare sense in common ("hour" and "minute" both name a distance in time) is not
+    # the question's meaning: the embedder says so, and below paraphrase_similarity the
+    # lexicon is not asked
+    assert policy.verify("What are your opening minutes?", "What are your opening hours?", 0.7) == (
+        CacheVerdict(False, "content_edit")
+    )
+    assert policy.verify("How do I train my hotdog?", "How do I train my dog?", 0.76) == (
+        CacheVerdict(False, "content_edit")
+    )
     without = CachePolicy(thesaurus=None)
     assert without.verify(
         "When does the spring semester begin?", "When does the spring semester start?", 0.9

@@ -17,8 +17,10 @@ the two questions, with the similarity only as a gate and a tie-breaker:
    ("refund"/"refunds"); a British/American spelling ("centre"/"center"); a compound
    split differently ("wi fi"/"wifi"); or a typo — one edit (two in long words) where at
    least one side is not a dictionary word, so that "chnage"/"change" passes and
-   "lease"/"least" does not; or a synonym — one content word replaced by another that
-   WordNet lists in the same synset ("start"/"begin", "shop"/"store"; see
+   "lease"/"least" does not; or (verdict ``synonym``) one content word replaced by
+   another that WordNet lists in the same synset ("start"/"begin") when the cosine is
+   also at least ``paraphrase_similarity`` — the lexicon says two words *can* mean the
+   same, the embedder whether they do here ("hours"/"minutes" share a rare sense; see
    :mod:`ragplane.service.thesaurus`). Any other edit of a content word refuses
    (``content_edit``), as does an edit touching a number, time, date, weekday or month
    (``anchor_mismatch``) or a negator (``negation_changed``). A content word that moved
@@ -583,6 +585,13 @@ class CachePolicy:
         reason = self._near_repeat(new, old)
         if reason is None:
             return CacheVerdict(True, "near_repeat")
+        if (  # lexicon and embedder agree: "start" / "begin", not "hours" / "minutes"
+            reason == "content_edit"
+            and self.thesaurus is not None
+            and similarity >= self.paraphrase_similarity
+            and self._near_repeat(new, old, synonyms=True) is None
+        ):
+            return CacheVerdict(True, "synonym")
         if (
             reason in ("content_edit", "order_changed")
             and _overlap(new, old) < self.reworded_overlap
@@ -592,11 +601,14 @@ class CachePolicy:
 
     # -- near repeats -------------------------------------------------------------------
 
-    def _near_repeat(self, a: Sequence[_Token], b: Sequence[_Token]) -> str | None:
-        """None if ``a`` and ``b`` differ only trivially, else why not."""
+    def _near_repeat(
+        self, a: Sequence[_Token], b: Sequence[_Token], *, synonyms: bool = False
+    ) -> str | None:
+        """None if ``a`` and ``b`` differ only trivially (``synonyms``: a word replaced
+        by a WordNet synonym counts as trivial), else why not."""
         words_a = [t for t in a if t.kind != "break"]
         words_b = [t for t in b if t.kind != "break"]
-        reason = self._diff(words_a, words_b)
+        reason = self._diff(words_a, words_b, synonyms)
         if reason != "order_changed":
             return reason
         for x, y in ((a, b), (b, a)):  # one clause fronted at a comma
@@ -604,18 +616,20 @@ class CachePolicy:
                 if t.kind == "break" and t.text in _CLAUSE_BREAKS:
                     rotated = [u for u in (*y[i + 1 :], *y[:i]) if u.kind != "break"]
                     plain = [u for u in x if u.kind != "break"]
-                    if self._diff(plain, rotated) is None:
+                    if self._diff(plain, rotated, synonyms) is None:
                         return None
         return reason
 
-    def _diff(self, a: Sequence[_Token], b: Sequence[_Token]) -> str | None:
+    def _diff(self, a: Sequence[_Token], b: Sequence[_Token], synonyms: bool) -> str | None:
         """None if the monotone alignment of ``a`` and ``b`` shows only trivial edits,
         else the most serious kind of edit found."""
         matcher = SequenceMatcher(None, [t.key for t in a], [t.key for t in b], autojunk=False)
         dropped: list[_Token] = []
         added: list[_Token] = []
         for op, i1, i2, j1, j2 in matcher.get_opcodes():
-            if op != "equal" and not self._trivial(list(a[i1:i2]), list(b[j1:j2]), a[:i1], b[:j1]):
+            if op != "equal" and not self._trivial(
+                list(a[i1:i2]), list(b[j1:j2]), a[:i1], b[:j1], synonyms
+            ):
                 dropped += a[i1:i2]
                 added += b[j1:j2]
         if not dropped and not added:
@@ -643,6 +657,7 @@ class CachePolicy:
         right: list[_Token],
         before_left: Sequence[_Token],
         before_right: Sequence[_Token],
+        synonyms: bool,
     ) -> bool:
         """Is replacing ``left`` by ``right`` (``before_*`` precede them) trivial?"""
         after_wh = _follows_wh(before_left) and _follows_wh(before_right)
@@ -651,10 +666,10 @@ class CachePolicy:
         if "".join(t.text for t in core_l) == "".join(t.text for t in core_r):
             return True  # nothing but trivial words, or a compound split differently
         return len(core_l) == len(core_r) and all(
-            self._same_word(x, y) for x, y in zip(core_l, core_r, strict=True)
+            self._same_word(x, y, synonyms) for x, y in zip(core_l, core_r, strict=True)
         )
 
-    def _same_word(self, x: _Token, y: _Token) -> bool:
+    def _same_word(self, x: _Token, y: _Token, synonyms: bool) -> bool:
         if x.key == y.key:
             return True
         if x.kind == y.kind == "be":
@@ -665,7 +680,12 @@ class CachePolicy:
         if "anchor" not in kinds and (x.entity or y.entity):
             return False  # names: "Austen" / "Austin" are two people ("Mondys": a weekday)
         thesaurus = self.thesaurus
-        if kinds == {"content"} and thesaurus is not None and thesaurus.synonyms(x.text, y.text):
+        if (
+            synonyms
+            and kinds == {"content"}
+            and thesaurus is not None
+            and thesaurus.synonyms(x.text, y.text)
+        ):
             return True  # "start" / "begin": one meaning in common
         shorter = min(len(x.text), len(y.text))
         if (
