@@ -74,7 +74,7 @@ from ragplane.service.context import (
     prompt_messages,
 )
 from ragplane.service.events import EvalSample, EventSink, RequestRecord
-from ragplane.service.guardrails import GuardPolicy, InputGuard, redact_pii
+from ragplane.service.guardrails import GuardPolicy, GuardResult, InputGuard, redact_pii
 from ragplane.service.llm import GatewayClient, LlmCallError, LlmDelta, LlmUsage
 from ragplane.service.metrics import ChatMetrics
 from ragplane.service.semcache import CacheHit, CacheScope, SemanticCache
@@ -267,10 +267,7 @@ class ChatService:
                     parent_span_id=trace.span_id,
                 )
             )
-            raise BadRequest(
-                f"the request was refused by the input guard ({result.reason})",
-                code=str(result.reason),
-            )
+            raise _refused(result)
         session_id = request.session_id or str(uuid.uuid4())
         return Prepared(
             ctx=ctx,
@@ -437,10 +434,7 @@ class ChatService:
         if result.blocked:
             p.trace.counters["guard_blocked"] += 1
             log.info("input_blocked", reason=result.reason, by="model", score=round(score, 4))
-            raise BadRequest(
-                f"the request was refused by the input guard ({result.reason})",
-                code=str(result.reason),
-            )
+            raise _refused(result)
         if result.findings:
             p.trace.counters["guard_model_flagged"] += 1
             out.flagged = True
@@ -751,6 +745,13 @@ class ChatService:
             )
         except RagplaneError as exc:
             log.warning("session_write_failed", error=str(exc))
+
+
+def _refused(result: GuardResult) -> BadRequest:
+    """The 400 for a request the input guard blocked; its code is the guard's reason."""
+    return BadRequest(
+        f"the request was refused by the input guard ({result.reason})", code=str(result.reason)
+    )
 
 
 def _cited(verified: VerifiedAnswer, guard: GuardPolicy) -> list[dict[str, Any]]:

@@ -33,6 +33,7 @@ from ragplane.edge.context import TenantContext
 from ragplane.edge.tenancy import request_context, tenant_context
 from ragplane.errors import NotFound
 from ragplane.service.chat import ChatEvent, ChatRequest, ChatService
+from ragplane.service.citations import Citation
 from ragplane.service.sessions import parse_session_id
 
 __all__ = ["router"]
@@ -61,17 +62,6 @@ class ChatBody(BaseModel):
     tenant_id: str | None = Field(
         default=None, description="Dev mode only, without credentials: the tenant to act as."
     )
-
-
-class Citation(BaseModel):
-    marker: str
-    document_id: str
-    title: str
-    source_uri: str
-    chunk_id: str
-    char_start: int
-    char_end: int
-    quote: str
 
 
 class Usage(BaseModel):

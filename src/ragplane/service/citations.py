@@ -20,7 +20,7 @@ counted; repeated citations of one span are reported once.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ragplane.service.context import AssembledContext
@@ -110,16 +110,7 @@ class Citation:
     quote: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "marker": self.marker,
-            "document_id": self.document_id,
-            "title": self.title,
-            "source_uri": self.source_uri,
-            "chunk_id": self.chunk_id,
-            "char_start": self.char_start,
-            "char_end": self.char_end,
-            "quote": self.quote,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
